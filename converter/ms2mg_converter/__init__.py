@@ -1,0 +1,3 @@
+"""ms2mg converter: MindFormers safetensors -> Megatron-LM checkpoints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""What the user asked for: `ConvertConfig`, validated, frozen, without torch.
+
+The command line (`cli.py`) builds one from flags; the operator renders the same flags from a
+`CheckpointConversion` spec. Architecture values given here are *overrides and cross-checks*: the
+architecture itself is inferred from the tensors (`arch.py`) and every given value must agree with it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class QkvLayout(StrEnum):
+    """Row order of a fused `linear_qkv` tensor in the source."""
+
+    GROUPED = "grouped"
+    """Megatron's: per query group, the group's Q heads then its K head then its V head (MindFormers r1.7+
+    default, `use_contiguous_weight_layout_attention: False`)."""
+    CONTIGUOUS = "contiguous"
+    """All Q rows, then all K rows, then all V rows (MindFormers r1.6/dev default,
+    `use_contiguous_weight_layout: True`)."""
+
+
+class Fc1Layout(StrEnum):
+    """Row order of a fused SwiGLU `linear_fc1` tensor in the source."""
+
+    GATE_UP = "gate-up"
+    """Megatron's: all gate rows, then all up rows (`use_interleaved_weight_layout_mlp: False`)."""
+    INTERLEAVED = "interleaved"
+    """Rows alternate gate, up, gate, up (MindFormers r1.7+ default, `use_interleaved_weight_layout_mlp`)."""
+
+
+class DType(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class PadFill(StrEnum):
+    LAST_ROW = "last-row"
+    """Replicate the last real row into the padding rows (what Megatron's saver does)."""
+    ZERO = "zero"
+
+
+class Normalization(StrEnum):
+    RMSNORM = "RMSNorm"
+    LAYERNORM = "LayerNorm"
+
+
+class PositionEmbedding(StrEnum):
+    ROPE = "rope"
+    LEARNED_ABSOLUTE = "learned_absolute"
+
+
+class TransformerImpl(StrEnum):
+    LOCAL = "local"
+    TRANSFORMER_ENGINE = "transformer_engine"
+
+
+class ModelOverrides(BaseModel):
+    """Architecture values from flags or a MindFormers YAML. None means: infer from the tensors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_layers: int | None = Field(default=None, ge=1)
+    hidden_size: int | None = Field(default=None, ge=1)
+    ffn_hidden_size: int | None = Field(default=None, ge=1)
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    num_query_groups: int | None = Field(default=None, ge=1)
+    kv_channels: int | None = Field(default=None, ge=1)
+    swiglu: bool | None = None
+    add_bias_linear: bool | None = None
+    qkv_bias: bool | None = None
+    qk_layernorm: bool | None = None
+    untie_embeddings_and_output_weights: bool | None = None
+    normalization: Normalization | None = None
+    position_embedding_type: PositionEmbedding | None = None
+    padded_vocab_size: int | None = Field(default=None, ge=1)
+    """The rows of the source embedding table (the reference pipeline's meaning): checked, not applied."""
+    seq_length: int | None = Field(default=None, ge=1)
+    max_position_embeddings: int | None = Field(default=None, ge=1)
+    rotary_base: float | None = Field(default=None, gt=0)
+    rotary_percent: float | None = Field(default=None, gt=0, le=1)
+    norm_epsilon: float | None = Field(default=None, gt=0)
+
+    def merged_over(self, base: ModelOverrides) -> ModelOverrides:
+        """These values where set, else `base`'s (flags win over the YAML)."""
+        mine = self.model_dump(exclude_none=True)
+        return base.model_copy(update=mine)
+
+
+class VocabConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    true_vocab_size: int | None = Field(default=None, ge=1)
+    make_vocab_size_divisible_by: int = Field(default=128, ge=1)
+    pad_fill: PadFill = PadFill.LAST_ROW
+
+
+class LayoutConfig(BaseModel):
+    """Source layouts of fused tensors. None: take from the YAML, or refuse when it matters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    qkv: QkvLayout | None = None
+    fc1: Fc1Layout | None = None
+
+
+class ConvertConfig(BaseModel):
+    """One conversion request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    load_dir: Path
+    save_dir: Path | None = None
+    tensor_parallel: int = Field(default=1, ge=1)
+    pipeline_parallel: int = Field(default=1, ge=1)
+    model: ModelOverrides = ModelOverrides()
+    vocab: VocabConfig = VocabConfig()
+    layouts: LayoutConfig = LayoutConfig()
+    dtype: DType = DType.BF16
+    transformer_impl: TransformerImpl = TransformerImpl.LOCAL
+    final_norm_extra_state: bool = True
+    """Write `decoder.final_layernorm._extra_state` (None), as Megatron does when TransformerEngine is
+    installed. Turn off for a consumer without TransformerEngine (plain `torch.nn.RMSNorm` final norm)."""
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    ignore_keys: tuple[str, ...] = ()
+    allow_nonfinite: bool = False
+    overwrite: bool = False
+    verify: bool = True
+    config_yaml: Path | None = None
