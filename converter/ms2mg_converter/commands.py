@@ -1,0 +1,99 @@
+"""The subcommands behind `ms2mg` (argument parsing and exit codes live in `cli.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ms2mg_converter import __version__
+from ms2mg_converter.cliargs import to_config
+from ms2mg_converter.config import ConvertConfig
+from ms2mg_converter.errors import UsageError, VerificationError
+from ms2mg_converter.plan import Plan, build_plan
+from ms2mg_converter.progress import make_progress, no_progress
+from ms2mg_converter.report import describe_plan, plan_json
+from ms2mg_converter.result import ConversionResult
+
+log = logging.getLogger("ms2mg")
+
+
+def _check_paths(cfg: ConvertConfig) -> None:
+    if cfg.save_dir is None:
+        return
+    load, save = cfg.load_dir.absolute(), cfg.save_dir.absolute()
+    if save == load or save in load.parents:
+        raise UsageError(f"--save-dir {cfg.save_dir} contains the source --load-dir {cfg.load_dir}; writing "
+                         "there could destroy the source. Choose a separate directory.")
+
+
+def convert(ns: argparse.Namespace) -> ConversionResult:
+    from ms2mg_converter.execute import run_plan
+
+    t0 = time.perf_counter()
+    cfg = to_config(ns)
+    _check_paths(cfg)
+    plan = build_plan(cfg)
+    log.info("%s model: %d layers, hidden %d, %d heads / %d groups, vocab %d -> %d; writing %d file(s) "
+             "(TP %d x PP %d, %s)", plan.arch.family, plan.arch.num_layers, plan.arch.hidden_size,
+             plan.arch.num_attention_heads, plan.arch.num_query_groups, plan.arch.source_vocab_rows,
+             plan.arch.padded_vocab_size, len(plan.files), cfg.tensor_parallel, cfg.pipeline_parallel, cfg.dtype)
+    if plan.dropped:
+        log.info("dropped %d optimizer/bookkeeping key(s), e.g. %s", len(plan.dropped), plan.dropped[0])
+    progress = make_progress(ns.progress) or no_progress
+    stats = run_plan(plan, sys.argv, progress)
+    for p in stats.stale_removed:
+        log.info("removed the staging directory of an earlier, interrupted run: %s", p)
+    seconds = time.perf_counter() - t0
+    log.info("wrote %d file(s), %.2f GB in %.1f s%s -> %s", len(stats.files), stats.bytes / 1e9, seconds,
+             " (verified)" if stats.verified else " (not verified: --no-verify)", cfg.save_dir)
+    return ConversionResult(
+        status="Succeeded", reason="Converted", message=f"converted {len(stats.files)} file(s) to {cfg.save_dir}",
+        files=len(stats.files) + 2, bytes=stats.bytes, seconds=round(seconds, 3),
+        padded_vocab_size=plan.arch.padded_vocab_size, manifest_path=str(stats.manifest),
+        verified=stats.verified, converter_version=__version__)
+
+
+def inspect(ns: argparse.Namespace) -> ConversionResult:
+    cfg = to_config(ns)
+    plan = build_plan(cfg)
+    print(json.dumps(plan_json(plan), indent=2) if ns.json else describe_plan(plan))
+    return ConversionResult(status="Succeeded", reason="Inspected", converter_version=__version__,
+                            padded_vocab_size=plan.arch.padded_vocab_size)
+
+
+def _verify_plan(ns: argparse.Namespace) -> tuple[Plan, dict[str, str] | None]:
+    from ms2mg_converter.manifest import read_manifest
+
+    manifest = read_manifest(ns.save_dir)
+    if manifest is None:
+        log.info("no manifest in %s: using the flags to describe the conversion", ns.save_dir)
+        return build_plan(to_config(ns)), None
+    cfg = manifest.config.model_copy(update={"load_dir": ns.load_dir, "save_dir": ns.save_dir})
+    return build_plan(cfg), {f.path: f.sha256 for f in manifest.files}
+
+
+def verify(ns: argparse.Namespace) -> ConversionResult:
+    from ms2mg_converter.verify import verify_checkpoint
+
+    if not Path(ns.save_dir).is_dir():
+        raise UsageError(f"--save-dir {ns.save_dir}: no such checkpoint directory.")
+    plan, hashes = _verify_plan(ns)
+    report = verify_checkpoint(plan, ns.save_dir, hashes)
+    for problem in report.problems:
+        print(f"MISMATCH {problem}")
+    if not report.ok:
+        raise VerificationError(f"{len(report.problems)} problem(s) in {ns.save_dir} (listed above).")
+    print(f"OK: {report.files} file(s), {report.tensors} tensors ({report.bytes / 1e9:.2f} GB) match the "
+          f"source in {report.seconds:.1f} s")
+    return ConversionResult(status="Succeeded", reason="Verified", verified=True, files=report.files,
+                            bytes=report.bytes, seconds=round(report.seconds, 3), converter_version=__version__)
+
+
+def demo(ns: argparse.Namespace) -> ConversionResult:
+    from ms2mg_converter.demo import run_demo
+
+    return run_demo(ns.workdir)

@@ -1,0 +1,95 @@
+"""`ms2mg-manifest.json`: what was converted, how, and the sha256 of every file written.
+
+Written into the checkpoint directory last, before the directory is moved into place, so a checkpoint
+with a manifest is complete. `ms2mg verify` checks the files against these hashes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ms2mg_converter import __version__
+from ms2mg_converter.arch import Architecture
+from ms2mg_converter.config import ConvertConfig
+from ms2mg_converter.plan import Plan, TensorEntry
+
+MANIFEST_NAME = "ms2mg-manifest.json"
+
+
+class OutputFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    bytes: int
+    sha256: str
+    tensor_parallel_rank: int | None = None
+    pipeline_parallel_rank: int | None = None
+    tensors: int = 0
+
+
+class SourceSummary(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    files: list[dict[str, Any]]
+    tensors: int
+    bytes: int
+    family: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str = "ms2mg-manifest/v1"
+    converter_version: str = __version__
+    created: str
+    command: list[str]
+    config: ConvertConfig
+    source: SourceSummary
+    architecture: Architecture
+    megatron_args: dict[str, Any]
+    dropped_keys: list[str]
+    ignored_keys: list[str]
+    files: list[OutputFile]
+    verified: bool
+    timings: dict[str, float]
+
+
+def _args_json(args: dict[str, object]) -> dict[str, Any]:
+    return {k: (f"torch.{v.name}" if hasattr(v, "name") and hasattr(v, "module") else v) for k, v in args.items()}
+
+
+def build_manifest(plan: Plan, command: list[str], outputs: list[OutputFile], verified: bool,
+                   timings: dict[str, float]) -> Manifest:
+    src = plan.source
+    return Manifest(
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=command, config=plan.config,
+        source=SourceSummary(path=str(plan.config.load_dir), tensors=len(src.tensors), bytes=src.total_bytes,
+                             files=[{"path": str(f.path), "bytes": f.size} for f in src.files],
+                             family=plan.arch.family),
+        architecture=plan.arch, megatron_args=_args_json(plan.args), dropped_keys=list(plan.dropped),
+        ignored_keys=list(plan.ignored), files=outputs, verified=verified, timings=timings)
+
+
+def tensor_count(plan: Plan, path: str) -> int:
+    fp = next(f for f in plan.files if f.path == path)
+    return sum(isinstance(e, TensorEntry) for e in fp.entries())
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    path = directory / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
