@@ -17,6 +17,9 @@ from typing import BinaryIO
 
 ALIGNMENT = 64
 _LIMIT = 0xFFFFFFFF
+"""Sizes and offsets from here on need ZIP64 fields (a module attribute so tests can lower it)."""
+_MARK = 0xFFFFFFFF
+"""The value a 32-bit field holds when the real value is in the ZIP64 extra field."""
 _FLAGS = 0x0808  # bit 3: data descriptor; bit 11: UTF-8 names (as torch writes)
 
 
@@ -60,7 +63,7 @@ class ZipStreamWriter:
         pad = -(self._pos + fixed) % ALIGNMENT
         extra = z64 + struct.pack("<HH", 0x4246, pad) + b"Z" * pad
         header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if rec.zip64 else 20, _FLAGS, 0, 0, 0, 0,
-                             _LIMIT if rec.zip64 else 0, _LIMIT if rec.zip64 else 0, len(rec.name), len(extra))
+                             _MARK if rec.zip64 else 0, _MARK if rec.zip64 else 0, len(rec.name), len(extra))
         self._emit(header + rec.name + extra)
         self._open, self._written = rec, 0
 
@@ -68,9 +71,9 @@ class ZipStreamWriter:
         rec = self._open
         if rec is None:
             raise RuntimeError("no zip record is open")
-        self._written += len(data)
-        if self._written > rec.size:
+        if self._written + len(data) > rec.size:
             raise RuntimeError(f"record {rec.name!r} got more than its {rec.size} bytes")
+        self._written += len(data)
         rec.crc = zlib.crc32(data, rec.crc)
         self._emit(data)
 
@@ -101,8 +104,8 @@ class ZipStreamWriter:
         version = 45 if fields or rec.zip64 else 20
         return struct.pack(
             "<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, _FLAGS, 0, 0, 0, rec.crc,
-            _LIMIT if big else rec.size, _LIMIT if big else rec.size, len(rec.name), len(extra), 0, 0, 0, 0,
-            _LIMIT if rec.offset >= _LIMIT else rec.offset) + rec.name + extra
+            _MARK if big else rec.size, _MARK if big else rec.size, len(rec.name), len(extra), 0, 0, 0, 0,
+            _MARK if rec.offset >= _LIMIT else rec.offset) + rec.name + extra
 
     def close(self) -> None:
         """Write the central directory (and ZIP64 end records when needed)."""
@@ -116,6 +119,6 @@ class ZipStreamWriter:
             z64_at = self._pos
             self._emit(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, start))
             self._emit(struct.pack("<IIQI", 0x07064B50, 0, z64_at, 1))
-            self._emit(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _LIMIT, _LIMIT, 0))
+            self._emit(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _MARK, _MARK, 0))
         else:
             self._emit(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, size, start, 0))
