@@ -91,7 +91,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_vocab_and_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vocabulary, layouts and output")
     g.add_argument("--true-vocab-size", type=int, default=None, metavar="N",
-                   help="real vocabulary size: the table is trimmed to it, then padded")
+                   help="real vocabulary size: the output table gets Megatron's padded size, a multiple of "
+                        "--make-vocab-size-divisible-by x TP (surplus source rows are cut, missing rows filled)")
     g.add_argument("--vocab-file", type=Path, default=None, metavar="JSON",
                    help="tokenizer vocab JSON; its entry count is the true vocab size")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
