@@ -67,7 +67,7 @@ class _Run:
         self.plan, self.root, self.progress = plan, root, progress
         self.abort = threading.Event()
         self.pool = BufferPool(plan.config.dtype, CHUNK_BYTES, POOL_BUFFERS, self.abort)
-        self.check = None if plan.config.allow_nonfinite else FiniteCheck(plan.config.dtype, self.pool.elems)
+        self.check = None if plan.config.allow_nonfinite else FiniteCheck(plan.config.dtype)
         self.done = 0
         self.bytes = 0
 

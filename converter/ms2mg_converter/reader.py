@@ -25,8 +25,8 @@ from ms2mg_converter.plan import Read, TensorEntry
 SOURCE_DTYPES: dict[str, Any] = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                                  "BF16": ml_dtypes.bfloat16}
 OUT_DTYPES: dict[DType, Any] = {DType.BF16: ml_dtypes.bfloat16, DType.FP16: np.float16, DType.FP32: np.float32}
-_BITS = {DType.BF16: (np.uint16, 0x7FFF, 0x7F80), DType.FP16: (np.uint16, 0x7FFF, 0x7C00),
-         DType.FP32: (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+_BITS = {DType.BF16: (np.int16, np.uint16, 0x7F80, 0xFF80), DType.FP16: (np.int16, np.uint16, 0x7C00, 0xFC00),
+         DType.FP32: (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
 Array = np.ndarray[Any, Any]
 
 
@@ -84,17 +84,20 @@ class BufferPool:
 
 
 class FiniteCheck:
-    """Finds NaN/Inf in cast chunks by their exponent bits (one AND and one max per chunk)."""
+    """Finds NaN/Inf in cast chunks from their bit patterns, with two max reductions and no writes.
 
-    def __init__(self, dtype: DType, elems: int) -> None:
-        self._uint, self._mask, self._inf = _BITS[dtype]
-        self._scratch = np.empty(elems, self._uint)
+    Viewed as a signed integer, +Inf/+NaN are the values at or above the +Inf pattern; viewed as unsigned,
+    -Inf/-NaN are the values at or above the -Inf pattern (every other negative float is below it).
+    """
+
+    def __init__(self, dtype: DType) -> None:
+        self._signed, self._unsigned, self._pos_inf, self._neg_inf = _BITS[dtype]
 
     def bad(self, chunk: Array) -> bool:
-        bits = chunk.view(self._uint)
-        scratch = self._scratch[: bits.size] if bits.size <= self._scratch.size else np.empty_like(bits)
-        np.bitwise_and(bits, self._mask, out=scratch)
-        return bool(scratch.size) and int(scratch.max()) >= self._inf
+        if not chunk.size:
+            return False
+        return (int(chunk.view(self._signed).max()) >= self._pos_inf
+                or int(chunk.view(self._unsigned).max()) >= self._neg_inf)
 
 
 def _rows(src: Array, start: int, step: int, k: int, cols: tuple[int, int]) -> Array:

@@ -69,11 +69,16 @@ def vocab_pad(x: Tensor, true_rows: int, padded_rows: int, zero_fill: bool) -> T
 
 # --- Megatron's tensor-parallel split rules (tools/checkpoint: chunk_weight / chunk_bias) --------------
 
+def glu_shard_parts(full: Tensor, tp: int, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank `rank`'s SwiGLU fc1 shard is [gate_r; up_r]: the two halves, as views of `full`."""
+    gate, up = torch.chunk(full, 2, dim=0)
+    return torch.chunk(gate, tp)[rank], torch.chunk(up, tp)[rank]
+
+
 def tp_split(full: Tensor, kind: str, tp: int, swiglu: bool) -> list[Tensor]:
     """Shards of `full` for each TP rank, for a split kind of `target.Split`."""
     if kind == "glu" and swiglu:
-        gate, up = torch.chunk(full, 2, dim=0)
-        return [torch.cat((g, u), dim=0) for g, u in zip(torch.chunk(gate, tp), torch.chunk(up, tp), strict=True)]
+        return [torch.cat(glu_shard_parts(full, tp, r), dim=0) for r in range(tp)]
     if kind in ("vocab", "column", "glu"):
         return list(torch.chunk(full, tp, dim=0))
     if kind == "row":

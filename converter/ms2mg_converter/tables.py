@@ -96,10 +96,10 @@ LEGACY = Family(
                 "feed_forward.w1/w2/w3 (w1 gate, w3 up, w2 down), attention_norm, ffn_norm, norm_out, lm_head",
     recipes=(
         Recipe("embedding.word_embeddings.weight", OpKind.COPY, ("model.tok_embeddings.embedding_weight",)),
-        Recipe("decoder.final_layernorm.weight", OpKind.COPY, ("model.norm_out.weight",)),
         Recipe("output_layer.weight", OpKind.COPY, ("lm_head.weight",)),
-        Recipe(f"{L}input_layernorm.weight", OpKind.COPY, (f"{_LL}attention_norm.weight",)),
-        Recipe(f"{L}pre_mlp_layernorm.weight", OpKind.COPY, (f"{_LL}ffn_norm.weight",)),
+        *(Recipe(f"decoder.final_layernorm.{p}", OpKind.COPY, (f"model.norm_out.{p}",)) for p in ("weight", "bias")),
+        *(Recipe(f"{L}input_layernorm.{p}", OpKind.COPY, (f"{_LL}attention_norm.{p}",)) for p in ("weight", "bias")),
+        *(Recipe(f"{L}pre_mlp_layernorm.{p}", OpKind.COPY, (f"{_LL}ffn_norm.{p}",)) for p in ("weight", "bias")),
         *_legacy_qkv("weight"), *_legacy_qkv("bias"),
         Recipe(f"{L}self_attention.linear_proj.weight", OpKind.COPY, (f"{_LL}attention.wo.weight",)),
         Recipe(f"{L}self_attention.linear_proj.bias", OpKind.COPY, (f"{_LL}attention.wo.bias",)),

@@ -2,7 +2,8 @@
 
 Fused tensors (linear_qkv, SwiGLU linear_fc1) are rebuilt whole with `reference_ops` and split with
 Megatron's TP rules; everything else is a plain copy, a column split or the vocabulary table, compared
-in row blocks so memory stays small even for a large embedding.
+in row blocks so memory stays small even for a large embedding. Values are cast with torch into a reused
+scratch buffer and compared bit for bit (NaN matches NaN, whatever its payload).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ms2mg_converter.tables import OpKind
 from ms2mg_converter.target import Split, split_of
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 BLOCK_BYTES = 16 * 1024 * 1024
 FUSED = (OpKind.QKV_FUSED, OpKind.QKV_SPLIT, OpKind.GLU_FUSED, OpKind.GLU_SPLIT)
 
@@ -29,8 +31,6 @@ def describe_mismatch(got: torch.Tensor, exp: torch.Tensor) -> str | None:
     exp = exp.to(got.dtype)
     if got.shape != exp.shape:
         return f"shape {list(got.shape)} != expected {list(exp.shape)}"
-    if torch.equal(got, exp):
-        return None
     same = (got == exp) | (torch.isnan(got) & torch.isnan(exp))
     if bool(same.all()):
         return None
@@ -38,6 +38,23 @@ def describe_mismatch(got: torch.Tensor, exp: torch.Tensor) -> str | None:
     first = tuple(int(i) for i in (~same).nonzero()[0])
     return (f"{bad} of {got.numel()} values differ (first at index {first}: {got[first].item()} vs "
             f"{exp[first].item()})")
+
+
+class _Scratch:
+    """A reused buffer for casting expected values, so comparing allocates (and page-faults) once."""
+
+    def __init__(self) -> None:
+        self._buf: dict[torch.dtype, torch.Tensor] = {}
+
+    def cast(self, exp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if exp.dtype == dtype and exp.is_contiguous():
+            return exp
+        buf = self._buf.get(dtype)
+        if buf is None or buf.numel() < exp.numel():
+            buf = self._buf[dtype] = torch.empty(max(exp.numel(), 1 << 20), dtype=dtype)
+        out = buf[: exp.numel()].view(exp.shape)
+        out.copy_(exp)  # torch's cast, into contiguous memory
+        return out
 
 
 class ExpectedTensors:
@@ -48,15 +65,27 @@ class ExpectedTensors:
         view = resolve(plan.source, plan.config.ignore_keys)
         self.by_name: dict[str, Logical] = {lg.name: lg for lg in view.logical.values()}
         self._cache: tuple[str, torch.Tensor] | None = None
+        self._scratch = _Scratch()
+
+    def _same(self, got: torch.Tensor, exp: torch.Tensor) -> str | None:
+        if got.shape != exp.shape:
+            return f"shape {list(got.shape)} != expected {list(exp.shape)}"
+        cast = self._scratch.cast(exp, got.dtype)
+        bits = _BITS[got.dtype]
+        if torch.equal(got.view(bits), cast.view(bits)):
+            return None
+        return describe_mismatch(got, cast)
 
     def mismatch(self, entry: TensorEntry, tp_rank: int, got: torch.Tensor) -> str | None:
         logical = self.by_name[entry.source]
         kind = split_of(logical.target)
-        dtype = TORCH_DTYPES[entry.dtype]
-        if logical.recipe.op in FUSED and (self.arch.swiglu or logical.recipe.op not in (OpKind.GLU_FUSED,)):
-            full = self._fused(logical, dtype)
-            shard = ref.tp_split(full, kind, self.cfg.tensor_parallel, self.arch.swiglu)[tp_rank]
-            return describe_mismatch(got, shard)
+        if logical.recipe.op in FUSED and (self.arch.swiglu or logical.recipe.op is not OpKind.GLU_FUSED):
+            full = self._fused(logical, TORCH_DTYPES[entry.dtype])
+            tp = self.cfg.tensor_parallel
+            if kind is Split.GLU and self.arch.swiglu:
+                gate, up = ref.glu_shard_parts(full, tp, tp_rank)
+                return self._same(got[: gate.shape[0]], gate) or self._same(got[gate.shape[0]:], up)
+            return self._same(got, ref.tp_split(full, kind, tp, self.arch.swiglu)[tp_rank])
         return self._blockwise(logical, kind, tp_rank, got)
 
     # -- fused tensors: whole ----------------------------------------------------------------------
@@ -100,30 +129,31 @@ class ExpectedTensors:
             sl = f.get_slice(info.name)
             for a in range(lo, hi, step):
                 b = min(hi, a + step)
-                exp = self._vocab_rows(sl, a, b) if kind is Split.VOCAB else _rows(sl, a, b)
-                if len(info.shape) > 1:
-                    exp = exp[:, col]
-                bad = describe_mismatch(got[a - lo: b - lo], exp)
-                if bad:
-                    return f"rows {a}..{b}: {bad}"
+                for (x, y), exp in self._expected_rows(sl, kind, a, b):
+                    if len(info.shape) > 1:
+                        exp = exp[:, col]
+                    bad = self._same(got[x - lo: y - lo], exp)
+                    if bad:
+                        return f"rows {x}..{y}: {bad}"
         return None
 
-    def _vocab_rows(self, sl: Any, a: int, b: int) -> torch.Tensor:
-        """Rows [a, b) of the padded table (Megatron's `pad_weight`, or zeros past the true vocab)."""
+    def _expected_rows(self, sl: Any, kind: Split, a: int, b: int) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        """Rows [a, b) of the target table, as (row range, tensor) parts (a fill part is one row)."""
+        if kind is not Split.VOCAB:
+            return [((a, b), _rows(sl, a, b))]
         rows = self.arch.source_vocab_rows
         if self.cfg.vocab.pad_fill is PadFill.ZERO:
             kept = self.arch.true_vocab_size or rows
-            fill = None
+            fill = torch.zeros_like(_rows(sl, 0, 1))
         else:
             kept = min(rows, self.arch.padded_vocab_size)
             fill = _rows(sl, rows - 1, rows)
-        head = _rows(sl, a, min(b, kept)) if a < kept else None
-        n_fill = b - max(a, kept)
-        parts = [head] if head is not None else []
-        if n_fill > 0:
-            template = fill if fill is not None else torch.zeros_like(_rows(sl, 0, 1))
-            parts.append(template.expand(n_fill, *template.shape[1:]))
-        return torch.cat(parts, dim=0)
+        parts = []
+        if a < kept:
+            parts.append(((a, min(b, kept)), _rows(sl, a, min(b, kept))))
+        if b > kept:
+            parts.append(((max(a, kept), b), fill.expand(b - max(a, kept), *fill.shape[1:])))
+        return parts
 
 
 def _rows(sl: Any, a: int, b: int) -> torch.Tensor:

@@ -1,19 +1,23 @@
-"""Writing rank files on a background thread, so casting (main thread) overlaps with write + hashing.
+"""Writing rank files on background threads, so casting, writing and hashing overlap.
 
-The main thread sends commands through a bounded queue; the writer thread owns the open file and its
-`ZipStreamWriter` (CRC-32 per record, sha256 of the whole file, both computed while writing), and hands
-chunk buffers back to the pool. Any OS error is kept and re-raised in the main thread at the next command.
-Each file is flushed and fsync'ed before it counts as written.
+    main thread ──cmds──► writer thread ──bytes──► hasher thread
+    (map, cast, check)    (write, CRC-32)          (sha256, fsync, close; returns chunk buffers)
+
+The writer owns the open file and its `ZipStreamWriter`; everything it writes goes on to the hasher in
+file order, and a chunk buffer goes back to the pool only after it has been written *and* hashed. A file
+is fsync'ed by the hasher after its last byte is hashed, while the next file is already being written.
+Any error on either thread is kept and re-raised in the main thread at its next command.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -28,32 +32,127 @@ class WrittenFile:
     sha256: str
 
 
-class FileWriterThread:
-    def __init__(self, pool: BufferPool, abort: threading.Event, depth: int = 2) -> None:
-        self._pool = pool
-        self._abort = abort
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self.written: list[WrittenFile] = []
-        self._thread = threading.Thread(target=self._run, name="ms2mg-writer", daemon=True)
-        self._thread.start()
-        self._file: Any = None
-        self._zip: ZipStreamWriter | None = None
-        self._path: Path | None = None
+class _Stage:
+    """A thread draining a bounded queue; errors are kept for the main thread."""
 
-    # -- called from the main thread -------------------------------------------------------------
-    def _send(self, *msg: Any) -> None:
-        while True:
-            self.raise_error()
+    def __init__(self, name: str, abort: threading.Event, depth: int) -> None:
+        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=depth)
+        self.abort = abort
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def put(self, *msg: Any) -> None:
+        while not self.abort.is_set():
             try:
-                self._queue.put(msg, timeout=0.2)
+                self.queue.put(msg, timeout=0.2)
                 return
             except queue.Full:
                 continue
 
+    def _loop(self) -> None:
+        try:
+            while not self.abort.is_set():
+                try:
+                    msg = self.queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if msg[0] == "stop":
+                    return
+                self.handle(msg)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            self.abort.set()
+        finally:
+            self.cleanup()
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        return None
+
+
+class _Hasher(_Stage):
+    def __init__(self, pool: BufferPool, abort: threading.Event) -> None:
+        super().__init__("ms2mg-hasher", abort, depth=8)
+        self.pool = pool
+        self.sha = hashlib.sha256()
+        self.written: list[WrittenFile] = []
+        self.pending: list[BinaryIO] = []
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "data":
+            self.sha.update(msg[1])
+        elif kind == "release":
+            self.pool.put(msg[1])
+        elif kind == "done":
+            f, path, size = msg[1], msg[2], msg[3]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self.pending.remove(f)
+            self.written.append(WrittenFile(path, size, self.sha.hexdigest()))
+            self.sha = hashlib.sha256()
+
+    def cleanup(self) -> None:
+        for f in self.pending:
+            f.close()
+
+
+class _Writer(_Stage):
+    def __init__(self, hasher: _Hasher, abort: threading.Event) -> None:
+        super().__init__("ms2mg-writer", abort, depth=2)
+        self.hasher = hasher
+        self.file: BinaryIO | None = None
+        self.zip: ZipStreamWriter | None = None
+        self.path: Path | None = None
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "open":
+            self.path = msg[1]
+            self.file = open(msg[1], "xb")  # noqa: SIM115 - closed by the hasher after fsync
+            self.hasher.pending.append(self.file)
+            self.zip = ZipStreamWriter(self.file, digest=lambda data: self.hasher.put("data", data))
+            return
+        z = self.zip
+        assert z is not None
+        if kind == "add":
+            z.add(msg[1], msg[2])
+        elif kind == "begin":
+            z.begin(msg[1], msg[2])
+        elif kind == "chunk":
+            buf, elems = msg[1], msg[2]
+            z.write(memoryview(buf[:elems].view(np.uint8)))
+            self.hasher.put("release", buf)
+        elif kind == "end":
+            z.end()
+        elif kind == "close":
+            z.close()
+            self.hasher.put("done", self.file, self.path, z.position)
+            self.file = self.zip = None
+
+
+class FileWriterThread:
+    """The main thread's handle on the writer and hasher threads."""
+
+    def __init__(self, pool: BufferPool, abort: threading.Event) -> None:
+        self._abort = abort
+        self._hasher = _Hasher(pool, abort)
+        self._writer = _Writer(self._hasher, abort)
+        self._hasher.thread.start()
+        self._writer.thread.start()
+
     def raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
+        for stage in (self._writer, self._hasher):
+            if stage.error is not None:
+                raise stage.error
+
+    def _send(self, *msg: Any) -> None:
+        self.raise_error()
+        self._writer.put(*msg)
+        self.raise_error()
 
     def open(self, path: Path) -> None:
         self._send("open", path)
@@ -74,62 +173,17 @@ class FileWriterThread:
         self._send("close")
 
     def finish(self) -> list[WrittenFile]:
-        """Wait for every queued command; re-raise the writer's error if it had one."""
+        """Wait until everything is written, hashed and fsync'ed; re-raise any thread's error."""
         self._send("stop")
-        self._thread.join()
+        self._writer.thread.join()
         self.raise_error()
-        return self.written
+        self._hasher.put("stop")
+        self._hasher.thread.join()
+        self.raise_error()
+        return self._hasher.written
 
     def shutdown(self) -> None:
-        """Stop after a failure in the main thread (closes the open file, if any)."""
+        """Stop both threads after a failure (open files are closed)."""
         self._abort.set()
-        self._thread.join(timeout=30)
-
-    # -- the writer thread -------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while not self._abort.is_set():
-                try:
-                    msg = self._queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if msg[0] == "stop":
-                    return
-                self._handle(msg)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self._error = e
-            self._abort.set()
-        finally:
-            if self._file is not None:
-                self._file.close()
-
-    def _handle(self, msg: tuple[Any, ...]) -> None:
-        kind = msg[0]
-        if kind == "open":
-            self._path = msg[1]
-            self._file = open(msg[1], "xb", buffering=1024 * 1024)  # noqa: SIM115 - closed in "close"
-            self._zip = ZipStreamWriter(self._file)
-            return
-        z = self._zip
-        assert z is not None
-        if kind == "add":
-            z.add(msg[1], msg[2])
-        elif kind == "begin":
-            z.begin(msg[1], msg[2])
-        elif kind == "chunk":
-            buf, elems = msg[1], msg[2]
-            z.write(memoryview(buf[:elems].view(np.uint8)))
-            self._pool.put(buf)
-        elif kind == "end":
-            z.end()
-        elif kind == "close":
-            self._close(z)
-
-    def _close(self, z: ZipStreamWriter) -> None:
-        z.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        assert self._path is not None
-        self.written.append(WrittenFile(self._path, z.position, z.sha256.hexdigest()))
+        self._writer.thread.join(timeout=30)
+        self._hasher.thread.join(timeout=30)

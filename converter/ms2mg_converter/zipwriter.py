@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -32,16 +33,24 @@ class _Record:
     zip64: bool = False
 
 
-class ZipStreamWriter:
-    """Append-only zip writer; every byte written is also fed to a sha256."""
+Sink = Callable[[bytes | memoryview], object]
 
-    def __init__(self, out: BinaryIO) -> None:
+
+class ZipStreamWriter:
+    """Append-only zip writer; every byte written is also given to `digest` (by default a sha256 here).
+
+    A caller that hashes on another thread passes its own `digest` callable; it must consume the bytes
+    before the memory behind them is reused.
+    """
+
+    def __init__(self, out: BinaryIO, digest: Sink | None = None) -> None:
         self._out = out
         self._pos = 0
         self._records: list[_Record] = []
         self._open: _Record | None = None
         self._written = 0
         self.sha256 = hashlib.sha256()
+        self._digest: Sink = digest or self.sha256.update
 
     @property
     def position(self) -> int:
@@ -49,7 +58,7 @@ class ZipStreamWriter:
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._out.write(data)
-        self.sha256.update(data)
+        self._digest(data)
         self._pos += len(data)
 
     def begin(self, name: str, size: int) -> None:

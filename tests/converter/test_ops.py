@@ -116,3 +116,28 @@ def test_glu_tp_split_gives_gate_and_up_halves_per_rank():
 def test_covered_rejects_gaps():
     with pytest.raises(ValueError, match="gap"):
         ops.covered([ops.Run(0, 2, 0, 0), ops.Run(3, 1, 0, 2)])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_finite_check_catches_every_nonfinite_pattern(dtype):
+    import numpy as np
+    from ms2mg_converter.config import DType
+    from ms2mg_converter.reader import OUT_DTYPES, FiniteCheck
+
+    check = FiniteCheck(DType(dtype))
+    finite = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 1e-8, -1e-8], dtype=np.float32)
+    assert not check.bad(finite.astype(OUT_DTYPES[DType(dtype)]))
+    import ml_dtypes
+
+    big = ml_dtypes.finfo(OUT_DTYPES[DType(dtype)])
+    assert not check.bad(np.array([big.max, big.min, big.tiny, -big.tiny], dtype=OUT_DTYPES[DType(dtype)]))
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        arr = np.concatenate([finite, np.array([bad], dtype=np.float32)]).astype(OUT_DTYPES[DType(dtype)])
+        assert check.bad(arr), bad
+    bits = {"bf16": np.uint16, "fp16": np.uint16, "fp32": np.uint32}[dtype]
+    exp = {"bf16": 0x7F80, "fp16": 0x7C00, "fp32": 0x7F800000}[dtype]
+    sign = {"bf16": 0x8000, "fp16": 0x8000, "fp32": 0x80000000}[dtype]
+    for payload in (0, 1, exp // 2 + 1):  # inf, a signalling NaN, some payload
+        for s in (0, sign):
+            arr = np.array([exp | (payload & (~exp & (sign - 1))) | s], dtype=bits)
+            assert check.bad(arr.view(OUT_DTYPES[DType(dtype)]))

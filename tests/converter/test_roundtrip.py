@@ -146,3 +146,7 @@ def test_zero_vocab_fill(make_sample, convert, tmp_path):
     assert emb.shape[0] == 1024
     assert torch.count_nonzero(emb[990:]) == 0
     assert torch.count_nonzero(emb[:990].float().abs().sum(1)) == 990
+
+
+def test_legacy_layernorm_biases(make_sample, convert, tmp_path):
+    roundtrip(make_sample, convert, tmp_path, 2, 2, names="legacy", normalization="LayerNorm", true_vocab=1000)

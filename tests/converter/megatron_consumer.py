@@ -1,0 +1,322 @@
+"""megatron-core 0.16.1 as a real consumer of converted checkpoints, on CPU (see
+shared/docs/megatron-core-as-test-consumer.md).
+
+* `open_checkpoint(dir)` reads the on-disk layout of target-format.md §5: the tracker file, then every
+  `iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt`, loaded with `torch.load(weights_only=True)` after
+  allow-listing `argparse.Namespace`.
+* `model_setup(args, ...)` builds the `TransformerConfig` and `GPTModel` arguments from the checkpoint's own
+  `args` only, so a field the converter forgot makes the model wrong and the test fail.
+* `load_all_ranks_strict(ckpt)` (approach C): one process, fake size/rank-only process groups; every rank
+  file goes into the GPTModel of its (tp, pp) rank with `load_state_dict(strict=True)`.
+* `logits_in_process(ckpt, ids)`: TP=1, any PP, stages chained in one process.
+* `logits_multiprocess(ckpts, ids)` (approach D): tp·pp real gloo processes (`initialize_model_parallel`),
+  send/recv between stages, vocab-parallel logits all-gathered; results come back through files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+# ---------------------------------------------------------------------------------------------- on disk
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    root: Path
+    iteration: int
+    tp: int
+    pp: int
+    args: argparse.Namespace
+
+    def rank_path(self, t: int, p: int) -> Path:
+        name = f"mp_rank_{t:02d}" if self.pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
+        return self.root / f"iter_{self.iteration:07d}" / name / "model_optim_rng.pt"
+
+    def load_rank(self, t: int, p: int) -> dict[str, Any]:
+        return load_rank_file(self.rank_path(t, p))
+
+
+def load_rank_file(path: Path) -> dict[str, Any]:
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert isinstance(sd, dict), f"{path}: not a dict"
+    missing = {"args", "checkpoint_version", "iteration", "model"} - set(sd)
+    assert not missing, f"{path}: top-level keys {sorted(missing)} missing"
+    assert sd["checkpoint_version"] == 3.0, f"{path}: checkpoint_version {sd['checkpoint_version']}"
+    assert isinstance(sd["args"], argparse.Namespace), f"{path}: args is {type(sd['args'])}"
+    return sd
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """Read the tracker, find the full TP×PP grid of rank files, and return the rank-0 file's args."""
+    tracker = (root / "latest_checkpointed_iteration.txt").read_text(encoding="utf-8").strip()
+    assert tracker.isdigit(), f"tracker holds {tracker!r}"
+    assert int(tracker) > 0, f"tracker holds {tracker!r}"
+    iteration = int(tracker)
+    it_dir = root / f"iter_{iteration:07d}"
+    ranks = []
+    for entry in sorted(it_dir.iterdir()):
+        m = _RANK_DIR.match(entry.name)
+        assert m, f"unexpected entry {entry} in {it_dir}"
+        ranks.append((int(m.group(1)), int(m.group(2)) if m.group(2) is not None else None))
+    tp = 1 + max(t for t, _ in ranks)
+    pp_ranks = {p for _, p in ranks}
+    pp = 1 if pp_ranks == {None} else 1 + max(p for p in pp_ranks if p is not None)
+    expected = {(t, None if pp == 1 else p) for t in range(tp) for p in range(pp)}
+    assert set(ranks) == expected, f"rank dirs {sorted(ranks, key=str)} are not a full {tp}x{pp} grid"
+    first = load_rank_file(Checkpoint(root, iteration, tp, pp, argparse.Namespace()).rank_path(0, 0))
+    assert first["iteration"] == iteration, f"iteration {first['iteration']} != tracker {iteration}"
+    args = first["args"]
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), \
+        f"args say TP{args.tensor_model_parallel_size}/PP{args.pipeline_model_parallel_size}, " \
+        f"rank dirs TP{tp}/PP{pp}"
+    return Checkpoint(root, iteration, tp, pp, args)
+
+
+# ---------------------------------------------------------------------------------------- model set-up
+
+_REQUIRED_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "swiglu", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+    "normalization", "position_embedding_type", "untie_embeddings_and_output_weights", "padded_vocab_size",
+    "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size", "fp16", "bf16",
+)
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def install_cpu_patches() -> None:
+    """The three CPU monkeypatches megatron-core needs for a forward pass (consumer doc §3)."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    from megatron.core import tensor_parallel
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    fused_softmax.get_default_causal_mask = lambda n: torch.ones(n, n, dtype=torch.bool).triu(1)
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+
+
+def ensure_single_process_state() -> None:
+    """Approach A: a world of 1 (no port) and model parallel state 1×1, needed before approach C."""
+    from megatron.core import parallel_state as ps
+
+    install_cpu_patches()
+    if not torch.distributed.is_initialized():
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+
+
+def model_setup(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+    """`TransformerConfig` and the GPTModel keyword arguments for the checkpoint `args`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    missing = [k for k in _REQUIRED_ARGS if getattr(args, k, None) is None and k != "num_query_groups"]
+    assert not missing, f"checkpoint args lack {missing}"
+    assert not getattr(args, "rotary_interleaved", False), "rotary_interleaved is not what MindFormers uses"
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        # megatron.training.arguments.core_transformer_config_from_args: groups only with GQA on
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels, gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, qk_layernorm=args.qk_layernorm,
+        normalization=args.normalization, layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, perform_initialization=False, attention_dropout=0.0, hidden_dropout=0.0,
+    )
+    kwargs = {
+        "transformer_layer_spec": get_gpt_layer_local_spec(normalization=args.normalization,
+                                                           qk_layernorm=args.qk_layernorm),
+        "vocab_size": args.padded_vocab_size,
+        "max_sequence_length": args.max_position_embeddings,
+        "position_embedding_type": args.position_embedding_type,
+        "rotary_base": getattr(args, "rotary_base", 10000),
+        "rotary_percent": getattr(args, "rotary_percent", 1.0),
+        "share_embeddings_and_output_weights": not args.untie_embeddings_and_output_weights,
+    }
+    return config, kwargs
+
+
+class SizeOnlyGroup:
+    """What GPTModel asks a process group while building: size() and rank()."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtype | None = None) -> Any:
+    """Approach C: the GPTModel of rank (t, p) of the checkpoint's TP×PP, in this process."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    ensure_single_process_state()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    config, kwargs = model_setup(args, dtype or params_dtype(args))
+    groups = ProcessGroupCollection(tp=SizeOnlyGroup(tp, t), pp=SizeOnlyGroup(pp, p), cp=SizeOnlyGroup(1, 0),
+                                    embd=None, pos_embd=None)
+    return GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
+
+
+def _strict_load(model: Any, state: dict[str, Any], where: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise AssertionError(f"{where}: strict load failed: {e}") from e
+    assert not result.missing_keys, f"{where}: {result}"
+    assert not result.unexpected_keys, f"{where}: {result}"
+
+
+def load_all_ranks_strict(ckpt: Checkpoint) -> dict[tuple[int, int], Any]:
+    """Load every rank file strictly into its rank's GPTModel; check the args of every file agree.
+
+    Returns the loaded models by (t, p). Shapes are checked by the strict load (size mismatch raises).
+    """
+    models = {}
+    dtype = params_dtype(ckpt.args)
+    for p in range(ckpt.pp):
+        for t in range(ckpt.tp):
+            sd = ckpt.load_rank(t, p)
+            where = str(ckpt.rank_path(t, p))
+            assert vars(sd["args"]) == vars(ckpt.args), f"{where}: args differ from rank (0, 0)"
+            tensors = [v for v in sd["model"].values() if isinstance(v, torch.Tensor)]
+            assert tensors, f"{where}: no tensors"
+            assert all(v.dtype == dtype for v in tensors), f"{where}: tensors are not all {dtype}"
+            model = build_rank_model(ckpt.args, t, p)
+            _strict_load(model, sd["model"], where)
+            models[(t, p)] = model
+    return models
+
+
+@torch.no_grad()
+def logits_in_process(ckpt: Checkpoint, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits `[b, s, padded_vocab]` (fp32) of a TP=1 checkpoint, PP stages chained in this process."""
+    assert ckpt.tp == 1, "a TP>1 forward needs real process groups: use logits_multiprocess"
+    models = load_all_ranks_strict(ckpt)
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    hidden: torch.Tensor | None = None
+    for p in range(ckpt.pp):
+        model = models[(0, p)].eval()
+        if p == 0:
+            out = model(input_ids=input_ids, position_ids=positions, attention_mask=None)
+        else:
+            model.set_input_tensor(hidden)
+            out = model(input_ids=None, position_ids=positions, attention_mask=None)
+        hidden = out
+    assert hidden is not None
+    return hidden.float()
+
+
+# ----------------------------------------------------------------------------------- approach D (gloo)
+
+def _worker(rank: int, world: int, store_file: str, jobs: Sequence[tuple[str, str]],
+            ids: torch.Tensor) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    install_cpu_patches()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=120))
+    first = open_checkpoint(Path(jobs[0][0]))
+    tp, pp = first.tp, first.pp
+    ps.initialize_model_parallel(tp, pp)
+    t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    for ckpt_dir, out_file in jobs:
+        ckpt = open_checkpoint(Path(ckpt_dir))
+        assert (ckpt.tp, ckpt.pp) == (tp, pp), f"{ckpt_dir}: TP{ckpt.tp}/PP{ckpt.pp}, batch is TP{tp}/PP{pp}"
+        dtype = params_dtype(ckpt.args)
+        config, kwargs = model_setup(ckpt.args, dtype)
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        groups.embd = None  # skip the tied-embedding all-reduce (it moves weights to CUDA); the load fills it
+        model = GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
+        _strict_load(model, ckpt.load_rank(t, p)["model"], str(ckpt.rank_path(t, p)))
+        model.eval()
+        hidden_shape = (ids.shape[1], ids.shape[0], ckpt.args.hidden_size)  # [s, b, h]
+        with torch.no_grad():
+            if p == 0:
+                out = model(input_ids=ids, position_ids=positions, attention_mask=None)
+            else:
+                buf = torch.empty(hidden_shape, dtype=dtype)
+                torch.distributed.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(buf)
+                out = model(input_ids=None, position_ids=positions, attention_mask=None)
+            if p < pp - 1:
+                torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            else:
+                parts = [torch.empty_like(out) for _ in range(tp)]
+                tp_group = ps.get_tensor_model_parallel_group()
+                torch.distributed.all_gather(parts, out.contiguous(), group=tp_group)
+                if t == 0:
+                    torch.save(torch.cat(parts, dim=-1).float(), out_file)
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def logits_multiprocess(ckpt_dirs: Sequence[Path], input_ids: torch.Tensor,
+                        timeout_s: float = 300.0) -> list[torch.Tensor]:
+    """Logits `[b, s, padded_vocab]` (fp32) of each checkpoint, computed by tp·pp gloo processes.
+
+    All checkpoints must share one TP×PP; the processes are started once and evaluate them in turn.
+    """
+    import torch.multiprocessing as mp
+
+    assert ckpt_dirs
+    first = open_checkpoint(Path(ckpt_dirs[0]))
+    world = first.tp * first.pp
+    with tempfile.TemporaryDirectory(prefix="ms2mg-gloo-") as tmp:
+        outs = [os.path.join(tmp, f"logits-{i}.pt") for i in range(len(ckpt_dirs))]
+        jobs = [(str(d), o) for d, o in zip(ckpt_dirs, outs, strict=True)]
+        ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), jobs, input_ids),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gloo workers did not finish within {timeout_s} s")
+        finally:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+        return [torch.load(o, weights_only=True) for o in outs]
+
+
+def rank_shapes(ckpt: Checkpoint) -> Iterator[tuple[tuple[int, int], dict[str, tuple[int, ...]]]]:
+    """(t, p) and the tensor shapes of that rank file (for diagnostics)."""
+    for p in range(ckpt.pp):
+        for t in range(ckpt.tp):
+            model = ckpt.load_rank(t, p)["model"]
+            yield (t, p), {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
