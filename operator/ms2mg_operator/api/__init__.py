@@ -1,0 +1,1 @@
+"""Versioned API types of the `CheckpointConversion` resource (pydantic, no kopf, no Kubernetes client)."""

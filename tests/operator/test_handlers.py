@@ -1,0 +1,224 @@
+"""The whole operator (kopf + handlers + controller + KubeClient) against kmock, with injected API faults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kmock as km
+import pytest
+from ms2mg_converter.result import ConversionResult
+from ms2mg_operator.config import OperatorSettings
+from ms2mg_operator.crdgen import build_crd
+
+from tests.operator.conftest import make_body
+from tests.operator.harness import (
+    CONVERSIONS,
+    JOBS,
+    Cluster,
+    condition,
+    fail_times,
+    has,
+    matches,
+    new_client,
+    running_operator,
+    status_conditions,
+)
+from tests.operator.kmock_shim import StampingEmulator, register_crd
+from tests.operator.test_api import spec_with
+
+pytestmark = [pytest.mark.kmock(cls=StampingEmulator), pytest.mark.timeout(120),
+              pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")]
+
+OK = ConversionResult(status="Succeeded", reason="Converted", message="converted", files=5, bytes=2048,
+                      seconds=3.0, padded_vocab_size=256, verified=True, converter_version="0.1.0")
+
+
+def new_body(spec: dict[str, Any] | None = None, name: str = "llama") -> dict[str, Any]:
+    body = make_body(spec, name=name)
+    for key in ("uid", "creationTimestamp", "generation"):
+        del body["metadata"][key]  # assigned by the server
+    return body
+
+
+@pytest.fixture
+def fast(settings: OperatorSettings) -> OperatorSettings:
+    return settings.model_copy(update={"recheck_seconds": 0.3, "api_timeout_seconds": 5.0})
+
+
+@pytest.fixture
+async def cluster(kmock: km.KubernetesEmulator, fast: OperatorSettings) -> Cluster:
+    kmock.resources.load_bundled()
+    register_crd(kmock, build_crd())
+    return Cluster(kmock=kmock, api=new_client(str(kmock.url), fast))
+
+
+async def test_happy_path(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        body = await cluster.wait(has("Accepted", reason="JobCreated"))
+        [job] = await cluster.wait_jobs(1)
+        owner = job["metadata"]["ownerReferences"][0]
+        assert owner["uid"] == body["metadata"]["uid"] and owner["controller"] is True
+        assert body["status"]["jobName"] == job["metadata"]["name"]
+        name = job["metadata"]["name"]
+        cluster.kmock["get", km.subresource("log")] << b'{"done": 37, "total": 112, "bytes": 9}\n'
+        await cluster.set_job_status(name, {"active": 1, "startTime": "2026-11-27T10:00:00Z"})
+        await cluster.run_pod(job, "Running", {"running": {}})
+        body = await cluster.wait(lambda b: b.get("status", {}).get("progress") == "37/112")
+        assert condition(body, "Running")["status"] == "True"  # type: ignore[index]
+        await cluster.run_pod(job, "Succeeded", {"terminated": {"exitCode": 0, "message": OK.to_json()}})
+        await cluster.set_job_status(name, {"active": 0, "succeeded": 1, "completionTime": "2026-11-27T10:05:00Z",
+                                            "conditions": [{"type": "Complete", "status": "True"}]})
+        body = await cluster.wait(has("Succeeded", reason="Converted"))
+        assert has("Verified", reason="Verified")(body)
+        assert body["status"]["result"]["bytes"] == 2048
+        assert status_conditions(body)[-1] == ("Succeeded", "True", "Converted")
+        body = await cluster.wait(lambda b: not b["metadata"].get("finalizers"))  # timer stopped
+        assert not any(k.startswith("kopf.zalando.org") for k in body["metadata"].get("annotations", {}))
+        assert set(body["status"]) <= {"observedGeneration", "conditions", "jobName", "startTime",
+                                       "completionTime", "progress", "result"}
+    events = [r.data for r in cluster.kmock["post", km.resource("v1/events")]]
+    assert {"JobCreated", "Converted"} <= {e["reason"] for e in events}
+
+
+async def test_invalid_spec_is_reported_once(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body(spec_with(**{"source.path": "../../etc"})))
+        body = await cluster.wait(has("Accepted", "False", "InvalidSpec"))
+        assert "spec.source.path" in condition(body, "Accepted")["message"]  # type: ignore[index]
+        assert await cluster.jobs() == []
+    warnings = [r.data for r in cluster.kmock["post", km.resource("v1/events")] if r.data["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["InvalidSpec"]
+
+
+async def test_missing_pvc_then_created(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted", "False", "DestinationPVCNotFound"))
+        await cluster.add_pvcs("megatron")
+        await cluster.wait(has("Accepted", reason="JobCreated"))
+        await cluster.wait_jobs(1)
+
+
+async def test_destination_conflict_until_the_first_is_deleted(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body(name="first"))
+        await cluster.wait(has("Accepted", reason="JobCreated"), name="first")
+        await cluster.post(CONVERSIONS, new_body(name="second"))
+        await cluster.wait(has("Accepted", "False", "DestinationConflict"), name="second")
+        await cluster.delete(f"{CONVERSIONS}/first")
+        await cluster.wait(has("Accepted", reason="JobCreated"), name="second")
+
+
+async def test_job_create_500_after_commit_is_adopted(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    hits = fail_times(cluster.kmock, 1, 500, km.action.CREATE, "batch/v1/jobs")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        body = await cluster.wait(has("Accepted", reason="JobAdopted"))
+        assert len(hits) == 1
+        [job] = await cluster.wait_jobs(1)
+        assert body["status"]["jobName"] == job["metadata"]["name"]
+
+
+async def test_job_name_taken_by_a_foreign_job(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    body = new_body()
+    body["metadata"]["uid"] = "11111111-2222-3333-4444-555555555555"
+    from ms2mg_operator.api.v1alpha1 import ObjectMeta
+    from ms2mg_operator.jobs import job_name
+
+    name = job_name(ObjectMeta(name="llama", namespace="ml", uid=body["metadata"]["uid"], generation=1))
+    await cluster.post(JOBS, {"apiVersion": "batch/v1", "kind": "Job",
+                              "metadata": {"name": name, "namespace": "ml", "labels": {"team": "x"}},
+                              "spec": {"template": {"spec": {"containers": []}}}})
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, body)
+        await cluster.wait(has("Accepted", "False", "JobNameConflict"))
+        assert len(await cluster.jobs()) == 1
+
+
+async def test_status_patch_500s_are_retried(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    hits = fail_times(cluster.kmock, 3, 500, km.action.UPDATE, "ms2mg.io/v1alpha1/checkpointconversions",
+                      "status")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted"))
+        assert hits
+        assert len(await cluster.jobs()) == 1
+        [job] = await cluster.jobs()
+        await cluster.set_job_status(job["metadata"]["name"], {"succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True"}]})
+        await cluster.wait(has("Succeeded"))
+        assert len(await cluster.jobs()) == 1
+
+
+async def test_dropped_job_watch_recovers(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    drops: list[Any] = []
+
+    def first_job_watch(request: Any) -> bool:
+        if drops or not matches(request, km.action.WATCH, "batch/v1/jobs"):
+            return False
+        drops.append(request)
+        return True
+
+    cluster.kmock[first_job_watch] << b""  # the first job watch-stream ends at once
+    async with running_operator(cluster.kmock, fast, poll_interval=60):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted", reason="JobCreated"))
+        [job] = await cluster.wait_jobs(1)
+        await cluster.set_job_status(job["metadata"]["name"], {"failed": 1, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too slow"}]})
+        body = await cluster.wait(has("Failed", reason="DeadlineExceeded"))
+        assert "too slow" in condition(body, "Failed")["message"]  # type: ignore[index]
+    assert drops
+
+
+async def test_spec_change_replaces_the_job(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted", reason="JobCreated"))
+        [old] = await cluster.wait_jobs(1)
+        await cluster.patch(f"{CONVERSIONS}/llama", {"spec": {"parallelism": {"tensor": 4}}})
+        body = await cluster.wait(lambda b: b.get("status", {}).get("observedGeneration") == 2
+                                  and has("Accepted", reason="JobCreated")(b))
+        [new] = await cluster.wait_jobs(1)
+        assert new["metadata"]["name"] != old["metadata"]["name"]
+        assert new["metadata"]["labels"]["ms2mg.io/generation"] == "2"
+        assert body["status"]["jobName"] == new["metadata"]["name"]
+
+
+async def test_restart_adopts_without_a_second_job(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted", reason="JobCreated"))
+        [job] = await cluster.wait_jobs(1)
+    await cluster.set_job_status(job["metadata"]["name"], {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True"}]})
+    async with running_operator(cluster.kmock, fast):
+        body = await cluster.wait(has("Succeeded"))
+        assert len(await cluster.jobs()) == 1
+        assert body["status"]["jobName"] == job["metadata"]["name"]
+    posts = cluster.kmock["post", km.resource("batch/v1/jobs")]
+    assert len(posts) == 1
+
+
+async def test_kueue_queued_job(cluster: Cluster, fast: OperatorSettings) -> None:
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body(spec_with(queueName="team-a")))
+        await cluster.wait(has("Queued", reason="WaitingForAdmission"))
+        [job] = await cluster.wait_jobs(1)
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        await cluster.patch(f"{JOBS}/{job['metadata']['name']}", {"spec": {"suspend": False}})
+        body = await cluster.wait(has("Queued", "False", "Admitted"))
+        assert status_conditions(body)[-1][0] in ("Queued", "Running")
