@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32,
                   "DoubleStorage": torch.float64}
 
@@ -89,8 +90,8 @@ class RankFile:
             yield torch.empty(stored.shape, dtype=stored.dtype)
             return
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), start - base + size, access=mmap.ACCESS_READ,
-                                                   offset=base) as m:
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), start - base + size, prot=mmap.PROT_READ,
+                                                   flags=MAP_FLAGS, offset=base) as m:
             view = memoryview(m)[start - base + stored.offset * itemsize:][: numel * itemsize]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it

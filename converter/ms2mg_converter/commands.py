@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,26 @@ from ms2mg_converter.report import describe_plan, plan_json
 from ms2mg_converter.result import ConversionResult
 
 log = logging.getLogger("ms2mg")
+
+
+def peak_rss_bytes() -> int | None:
+    """High-water mark of this process's resident memory (VmHWM), or None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _preload_verifier() -> None:
+    """Import torch and safetensors on a side thread while the conversion runs (verification needs them)."""
+
+    def load() -> None:
+        import ms2mg_converter.verify  # noqa: F401
+
+    threading.Thread(target=load, name="ms2mg-preload", daemon=True).start()
 
 
 def _check_paths(cfg: ConvertConfig) -> None:
@@ -44,17 +65,21 @@ def convert(ns: argparse.Namespace) -> ConversionResult:
     if plan.dropped:
         log.info("dropped %d optimizer/bookkeeping key(s), e.g. %s", len(plan.dropped), plan.dropped[0])
     progress = make_progress(ns.progress) or no_progress
+    if cfg.verify:
+        _preload_verifier()
     stats = run_plan(plan, sys.argv, progress)
     for p in stats.stale_removed:
         log.info("removed the staging directory of an earlier, interrupted run: %s", p)
     seconds = time.perf_counter() - t0
-    log.info("wrote %d file(s), %.2f GB in %.1f s%s -> %s", len(stats.files), stats.bytes / 1e9, seconds,
-             " (verified)" if stats.verified else " (not verified: --no-verify)", cfg.save_dir)
+    rss = peak_rss_bytes()
+    log.info("wrote %d file(s), %.2f GB in %.1f s%s, peak memory %s -> %s", len(stats.files), stats.bytes / 1e9,
+             seconds, " (verified)" if stats.verified else " (not verified: --no-verify)",
+             f"{rss / 2**20:.0f} MiB" if rss else "unknown", cfg.save_dir)
     return ConversionResult(
         status="Succeeded", reason="Converted", message=f"converted {len(stats.files)} file(s) to {cfg.save_dir}",
         files=len(stats.files) + 2, bytes=stats.bytes, seconds=round(seconds, 3),
         padded_vocab_size=plan.arch.padded_vocab_size, manifest_path=str(stats.manifest),
-        verified=stats.verified, converter_version=__version__)
+        verified=stats.verified, peak_rss_bytes=rss, converter_version=__version__)
 
 
 def inspect(ns: argparse.Namespace) -> ConversionResult:

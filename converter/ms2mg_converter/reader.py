@@ -28,6 +28,8 @@ OUT_DTYPES: dict[DType, Any] = {DType.BF16: ml_dtypes.bfloat16, DType.FP16: np.f
 _BITS = {DType.BF16: (np.int16, np.uint16, 0x7F80, 0xFF80), DType.FP16: (np.int16, np.uint16, 0x7C00, 0xFC00),
          DType.FP32: (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
 Array = np.ndarray[Any, Any]
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+"""Pre-fault the whole mapping in one call: much cheaper than a page fault per 64 KiB of a cached file."""
 
 
 @contextmanager
@@ -43,7 +45,7 @@ def mapped(read: Read) -> Iterator[Array]:
         yield np.empty((read.rows, read.cols), SOURCE_DTYPES[read.dtype])
         return
     with open(read.file, "rb") as f:
-        m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start)
+        m = mmap.mmap(f.fileno(), length, flags=MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
     try:
         yield np.frombuffer(m, dtype=SOURCE_DTYPES[read.dtype], count=read.rows * read.cols,
                             offset=read.offset - start).reshape(read.rows, read.cols)

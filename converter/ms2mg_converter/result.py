@@ -34,6 +34,7 @@ class ConversionResult(BaseModel):
     padded_vocab_size: int | None = Field(default=None, description="Rows of the written embedding table.")
     manifest_path: str | None = Field(default=None, description="Path of ms2mg-manifest.json.")
     verified: bool = Field(default=False, description="The output was checked against the source.")
+    peak_rss_bytes: int | None = Field(default=None, description="Peak resident memory of the converter process.")
     converter_version: str = ""
 
     def to_json(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,22 +99,27 @@ def verify_files(plan: Plan, root: Path, report: VerifyReport, hashes: dict[str,
     found = {p.relative_to(root).as_posix() for p in root.glob("iter_*/mp_rank_*/model_optim_rng.pt")}
     if found != {fp.path for fp in plan.files}:
         report.problems.append(f"rank files differ from the plan: {sorted(found ^ {fp.path for fp in plan.files})}")
-    for fp in plan.files:
-        path = root / fp.path
-        if not path.is_file():
-            continue
-        report.files += 1
-        problem = _torch_loads(path)
-        if problem:
-            report.problems.append(problem)
-            continue
-        rf = peek(path)
-        structure = _structure(fp, rf, plan)
-        report.problems += structure
-        if not structure:
-            _compare_tensors(fp, rf, expected, report)
-        if hashes is not None and hashes.get(fp.path) != _sha256(path):
-            report.problems.append(f"{fp.path}: sha256 differs from the manifest (the file changed on disk)")
+    present = [fp for fp in plan.files if (root / fp.path).is_file()]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms2mg-sha256") as pool:
+        digests = {fp.path: pool.submit(_sha256, root / fp.path) for fp in present} if hashes is not None else {}
+        for fp in present:
+            _check_file(fp, root / fp.path, plan, expected, report)
+        for path, digest in digests.items():
+            if hashes is not None and hashes.get(path) != digest.result():
+                report.problems.append(f"{path}: sha256 differs from the manifest (the file changed on disk)")
+
+
+def _check_file(fp: FilePlan, path: Path, plan: Plan, expected: ExpectedTensors, report: VerifyReport) -> None:
+    report.files += 1
+    problem = _torch_loads(path)
+    if problem:
+        report.problems.append(problem)
+        return
+    rf = peek(path)
+    structure = _structure(fp, rf, plan)
+    report.problems += structure
+    if not structure:
+        _compare_tensors(fp, rf, expected, report)
 
 
 def _compare_tensors(fp: FilePlan, rf: RankFile, expected: ExpectedTensors, report: VerifyReport) -> None:

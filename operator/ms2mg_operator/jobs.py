@@ -111,8 +111,14 @@ def convert_args(spec: CheckpointConversionSpec) -> list[str]:
         args += ["--qkv-layout", spec.layouts.qkv.value]
     if spec.layouts is not None and spec.layouts.fc1 is not None:
         args += ["--fc1-layout", spec.layouts.fc1.value]
-    args += ["--dtype", spec.dtype.value, "--saver-transformer-impl", spec.transformer_impl.value,
-             "--progress", "json", "--result-file", TERMINATION_LOG]
+    args += ["--dtype", spec.dtype.value, "--saver-transformer-impl", spec.transformer_impl.value]
+    if not spec.final_norm_extra_state:
+        args.append("--no-final-norm-extra-state")
+    for pattern in spec.ignore_keys or ():
+        args += ["--ignore-keys", pattern]
+    if spec.allow_nonfinite:
+        args.append("--allow-nonfinite")
+    args += ["--progress", "json", "--result-file", TERMINATION_LOG]
     if not spec.verify:
         args.append("--no-verify")
     if spec.overwrite:

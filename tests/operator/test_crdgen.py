@@ -72,7 +72,8 @@ def test_defaults_only_in_spec_and_only_deliberate() -> None:
     assert defaulted == {
         ".spec.parallelism", ".spec.parallelism.tensor", ".spec.parallelism.pipeline",
         ".spec.vocab", ".spec.vocab.makeDivisibleBy", ".spec.vocab.padFill",
-        ".spec.dtype", ".spec.transformerImpl", ".spec.verify", ".spec.overwrite",
+        ".spec.dtype", ".spec.transformerImpl", ".spec.verify", ".spec.overwrite", ".spec.finalNormExtraState",
+        ".spec.allowNonfinite",
     }
 
 

@@ -36,6 +36,7 @@ FULL = spec_with(
     affinity={"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
     imagePullSecrets=[{"name": "regcred"}], serviceAccountName="converter", priorityClassName="batch-low",
     queueName="team-a", backoffLimit=0, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600,
+    finalNormExtraState=False, ignoreKeys=["rng_state*", "*.extra"], allowNonfinite=True,
 )
 CASES = {
     "minimal": make_body(),
@@ -83,6 +84,9 @@ def test_args_parse_with_the_converter(case: str, settings: OperatorSettings) ->
     assert config.vocab.pad_fill == spec.vocab.pad_fill
     assert config.dtype == spec.dtype
     assert config.transformer_impl == spec.transformer_impl
+    assert config.final_norm_extra_state is spec.final_norm_extra_state
+    assert config.ignore_keys == tuple(spec.ignore_keys or ())
+    assert config.allow_nonfinite is spec.allow_nonfinite
 
 
 def test_pod_is_locked_down(settings: OperatorSettings) -> None:

@@ -221,6 +221,15 @@ class CheckpointConversionSpec(_Spec):
     verify: bool = Field(default=True, description="Check the written checkpoint against the source "
                                                    "(false adds --no-verify).")
     overwrite: bool = Field(default=False, description="Replace a non-empty destination (adds --overwrite).")
+    final_norm_extra_state: bool = Field(
+        default=True, description="Write decoder.final_layernorm._extra_state, as Megatron does when "
+                                  "TransformerEngine is installed; false (--no-final-norm-extra-state) for a "
+                                  "consumer without TransformerEngine.")
+    ignore_keys: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, max_length=64, description="--ignore-keys: glob patterns of source keys to drop instead "
+                                                 "of failing on them.")
+    allow_nonfinite: bool = Field(default=False, description="--allow-nonfinite: convert weights holding "
+                                                             "NaN/Inf instead of refusing.")
     image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^[^\s]+$",
                               description="Converter image. Default: the operator's converter image.")
     resources: OpenObject | None = Field(
@@ -299,6 +308,7 @@ class ConversionResultStatus(_Status):
     manifest_path: str | None = Field(default=None, max_length=4096,
                                       description="Path of ms2mg-manifest.json inside the converter pod.")
     verified: bool = Field(default=False, description="The output was checked against the source.")
+    peak_rss_bytes: int | None = Field(default=None, ge=0, description="Peak resident memory of the converter.")
     converter_version: str = Field(default="", max_length=64, description="Version of the converter.")
 
 
