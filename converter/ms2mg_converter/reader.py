@@ -1,9 +1,9 @@
 """Producing one output tensor's bytes, chunk by chunk, from memory-mapped source rows.
 
-Each source tensor an entry needs is mapped on its own (and unmapped right after), so only the rows a
-rank needs are paged in and the process never holds more than one tensor's mapping. Rows are cast into
-reusable chunk buffers (numpy + ml_dtypes: the same round-to-nearest-even as torch, bit for bit), so the
-memory used is a few chunks, whatever the size of the model or of the tensor.
+Source rows are mapped through a moving window (`SourceWindow`, at most `WINDOW_BYTES` per input), so
+only the rows a rank needs are paged in and resident memory never holds more than one window per input.
+Rows are cast into reusable chunk buffers (numpy + ml_dtypes: the same round-to-nearest-even as torch,
+bit for bit), so the memory used is a few chunks and windows, whatever the size of the model or tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import mmap
 import queue
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, suppress
 from typing import Any
 
 import ml_dtypes
@@ -20,6 +20,7 @@ import numpy as np
 
 from ms2mg_converter.config import DType
 from ms2mg_converter.errors import NonFiniteError
+from ms2mg_converter.ops import Run
 from ms2mg_converter.plan import Read, TensorEntry
 
 SOURCE_DTYPES: dict[str, Any] = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -32,26 +33,54 @@ MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 """Pre-fault the whole mapping in one call: much cheaper than a page fault per 64 KiB of a cached file."""
 
 
-@contextmanager
-def mapped(read: Read) -> Iterator[Array]:
-    """The source tensor as a read-only [rows, cols] array backed by the file's page cache.
+class SourceWindow:
+    """A read-only mapping of a window of a source tensor's rows, moved along as rows are needed.
 
-    The caller must drop every view of the array before leaving the block, so the mapping can be closed.
+    Only the rows a rank needs are mapped (and pre-faulted with MAP_POPULATE), at most `max_bytes` at a
+    time, so resident memory stays at one window whatever the tensor's size, and a cold cache reads only
+    those rows from disk. Views returned by `rows()` must be dropped before the next call.
     """
-    start = read.offset - read.offset % mmap.ALLOCATIONGRANULARITY
-    itemsize = np.dtype(SOURCE_DTYPES[read.dtype]).itemsize
-    length = read.offset - start + read.rows * read.cols * itemsize
-    if read.rows * read.cols == 0:
-        yield np.empty((read.rows, read.cols), SOURCE_DTYPES[read.dtype])
-        return
-    with open(read.file, "rb") as f:
-        m = mmap.mmap(f.fileno(), length, flags=MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
-    try:
-        yield np.frombuffer(m, dtype=SOURCE_DTYPES[read.dtype], count=read.rows * read.cols,
-                            offset=read.offset - start).reshape(read.rows, read.cols)
-    finally:
-        with suppress(BufferError):  # a view is still alive: the mapping goes when it does
-            m.close()
+
+    def __init__(self, read: Read, max_bytes: int) -> None:
+        self.read = read
+        self.dtype = np.dtype(SOURCE_DTYPES[read.dtype])
+        self.row_bytes = read.cols * self.dtype.itemsize
+        self.max_rows = max(1, max_bytes // max(self.row_bytes, 1))
+        self._file = open(read.file, "rb")  # noqa: SIM115 - closed in close()
+        self._map: mmap.mmap | None = None
+        self._lo = self._hi = 0
+        self._arr: Array | None = None
+
+    def rows(self, a: int, b: int, limit: int) -> Array:
+        """Rows [a, b) as an array [b - a, cols]; the window may extend up to row `limit` (exclusive)."""
+        if self._arr is None or not (self._lo <= a and b <= self._hi):
+            self._remap(a, min(max(b, a + self.max_rows), limit, self.read.rows))
+        assert self._arr is not None
+        return self._arr[a - self._lo: b - self._lo]
+
+    def _remap(self, lo: int, hi: int) -> None:
+        self._unmap()
+        begin = self.read.offset + lo * self.row_bytes
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        length = begin - start + (hi - lo) * self.row_bytes
+        if length == 0:
+            self._arr, self._lo, self._hi = np.empty((0, self.read.cols), self.dtype), lo, hi
+            return
+        self._map = mmap.mmap(self._file.fileno(), length, flags=MAP_FLAGS, prot=mmap.PROT_READ, offset=start)
+        self._arr = np.frombuffer(self._map, dtype=self.dtype, count=(hi - lo) * self.read.cols,
+                                  offset=begin - start).reshape(hi - lo, self.read.cols)
+        self._lo, self._hi = lo, hi
+
+    def _unmap(self) -> None:
+        self._arr = None
+        if self._map is not None:
+            with suppress(BufferError):  # a view is still alive: the mapping goes when it does
+                self._map.close()
+            self._map = None
+
+    def close(self) -> None:
+        self._unmap()
+        self._file.close()
 
 
 class WriterStopped(RuntimeError):
@@ -102,11 +131,17 @@ class FiniteCheck:
                 or int(chunk.view(self._unsigned).max()) >= self._neg_inf)
 
 
-def _rows(src: Array, start: int, step: int, k: int, cols: tuple[int, int]) -> Array:
+WINDOW_BYTES = 64 * 1024 * 1024
+
+
+def _source_rows(win: SourceWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
     c0, c1 = cols
-    if step == 0:
-        return np.broadcast_to(src[start, c0:c1], (k, c1 - c0))
-    return src[start: start + (k - 1) * step + 1: step, c0:c1]
+    if run.step == 0:
+        return np.broadcast_to(win.rows(run.start, run.start + 1, run.start + 1)[0, c0:c1], (k, c1 - c0))
+    first = run.start + done * run.step
+    last = first + (k - 1) * run.step + 1
+    limit = run.start + (run.count - 1) * run.step + 1
+    return win.rows(first, last, limit)[:: run.step, c0:c1]
 
 
 def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None) -> Iterator[tuple[Array, int]]:
@@ -115,8 +150,9 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None) -> 
     cols = entry.cols or (0, entry.inputs[0].cols)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
-        sources = [stack.enter_context(mapped(r)) for r in entry.inputs]
-        stack.callback(sources.clear)
+        windows = [SourceWindow(r, WINDOW_BYTES) for r in entry.inputs]
+        for w in windows:
+            stack.callback(w.close)
         buf, filled = pool.get(width), 0
         for run in entry.runs:
             done = 0
@@ -126,8 +162,7 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None) -> 
                 if run.src is None:
                     dst[...] = 0
                 else:
-                    start = run.start + done * run.step
-                    np.copyto(dst, _rows(sources[run.src], start, run.step, k, cols), casting="unsafe")
+                    np.copyto(dst, _source_rows(windows[run.src], run, done, k, cols), casting="unsafe")
                 filled, done = filled + k, done + k
                 if filled == rows_per:
                     yield _checked(entry, buf, filled * width, check)

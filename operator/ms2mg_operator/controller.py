@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ms2mg_converter.checks import parallelism_problems
-from ms2mg_converter.config import ModelOverrides
 from pydantic import ValidationError
 
+from ms2mg_converter.checks import parallelism_problems
+from ms2mg_converter.config import ModelOverrides
 from ms2mg_operator.api.v1alpha1 import (
     API_VERSION,
     KIND,

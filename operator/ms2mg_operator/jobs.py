@@ -13,7 +13,6 @@ import posixpath
 import re
 
 from ms2mg_converter.errors import DETERMINISTIC_EXIT_CODES
-
 from ms2mg_operator.api.v1alpha1 import (
     API_VERSION,
     KIND,

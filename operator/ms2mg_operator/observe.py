@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ms2mg_converter.result import ConversionResult, ProgressEvent
 from pydantic import ValidationError
+
+from ms2mg_converter.result import ConversionResult, ProgressEvent
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from enum import StrEnum
 
 from ms2mg_converter.errors import ExitCode
 from ms2mg_converter.result import ConversionResult
-
 from ms2mg_operator.api.v1alpha1 import (
     CheckpointConversionStatus,
     Condition,

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
 from ms2mg_converter.sample import SampleSpec, fuse_qkv
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ms2mg_converter.cli import main as cli_main
 from ms2mg_converter.sample import SampleSpec, build_sample
 

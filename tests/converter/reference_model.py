@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from ms2mg_converter.sample import SampleSpec
 
 EPS = 1e-5

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import Fc1Layout, QkvLayout
 

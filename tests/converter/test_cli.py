@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ms2mg_converter.ckptfile import peek
-from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
 from safetensors.torch import save_file
 
+from ms2mg_converter.ckptfile import peek
+from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
 from tests.converter.conftest import run_cli, sample_flags
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ms2mg_converter.sample import SampleSpec, build_sample, logical_weights
 
 if __package__:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ms2mg_converter import ops
 from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import Fc1Layout, PadFill, QkvLayout
@@ -121,6 +122,7 @@ def test_covered_rejects_gaps():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_finite_check_catches_every_nonfinite_pattern(dtype):
     import numpy as np
+
     from ms2mg_converter.config import DType
     from ms2mg_converter.reader import OUT_DTYPES, FiniteCheck
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ms2mg_converter.sample import SampleSpec, build_sample, logical_weights, mindformers_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from ms2mg_converter.sample import SampleSpec, build_sample, logical_weights, mindformers_tensors
 
 
 def _read_dir(d: Path) -> dict[str, torch.Tensor]:

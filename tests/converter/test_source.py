@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from ms2mg_converter.errors import SourceError
 from ms2mg_converter.source import open_source, read_file
-from safetensors.torch import save_file
 
 
 def write_raw(path: Path, header: dict[str, object], data: bytes) -> Path:

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 from ms2mg_converter import zipwriter
 from ms2mg_converter.ckptfile import peek
 from ms2mg_converter.config import DType

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from ms2mg_operator.config import OperatorSettings
 
 UID = "7f0c3a1e-5b2d-4c8e-9a41-0d6b2f9e1c11"

@@ -16,6 +16,7 @@ from typing import Any
 import kmock as km
 import kopf
 from kubernetes import client
+
 from ms2mg_operator.config import OperatorSettings
 from ms2mg_operator.handlers import KUBE_KEY, SETTINGS_KEY, register_handlers
 from ms2mg_operator.kube import KubeClient, NotFoundError

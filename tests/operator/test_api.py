@@ -6,10 +6,10 @@ import copy
 from typing import Any
 
 import pytest
-from ms2mg_converter.config import ModelOverrides
-from ms2mg_operator.api.v1alpha1 import CheckpointConversionSpec, CheckpointConversionStatus, ConditionType
 from pydantic import ValidationError
 
+from ms2mg_converter.config import ModelOverrides
+from ms2mg_operator.api.v1alpha1 import CheckpointConversionSpec, CheckpointConversionStatus, ConditionType
 from tests.operator.conftest import SPEC
 
 

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
+
 from ms2mg_operator.__main__ import kopf_arguments
 from ms2mg_operator.config import OperatorSettings
-from pydantic import ValidationError
 
 
 def test_defaults(settings: OperatorSettings) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from ms2mg_converter.result import ConversionResult
 from ms2mg_operator.api.v1alpha1 import CheckpointConversionStatus, ConditionType, ObjectMeta
 from ms2mg_operator.config import OperatorSettings
@@ -15,7 +16,6 @@ from ms2mg_operator.controller import Context, Observed, reconcile, sync
 from ms2mg_operator.jobs import job_name
 from ms2mg_operator.kube import JobOwnershipError, KubeClient, PermanentApiError, TransientApiError
 from ms2mg_operator.metrics import Metrics
-
 from tests.operator.conftest import NAMESPACE, UID, make_body
 from tests.operator.test_api import spec_with
 

@@ -9,9 +9,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from ms2mg_operator import crdgen
 from ms2mg_operator.api.v1alpha1 import PATH_RULES
-
 from tests.operator.test_api import ACCEPTED, spec_with
 
 REPO = Path(__file__).resolve().parents[2]

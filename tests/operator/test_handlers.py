@@ -6,10 +6,10 @@ from typing import Any
 
 import kmock as km
 import pytest
+
 from ms2mg_converter.result import ConversionResult
 from ms2mg_operator.config import OperatorSettings
 from ms2mg_operator.crdgen import build_crd
-
 from tests.operator.conftest import make_body
 from tests.operator.harness import (
     CONVERSIONS,

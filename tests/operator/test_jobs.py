@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
+
 from ms2mg_converter.cli import _parser as converter_parser
 from ms2mg_converter.cliargs import to_config
 from ms2mg_converter.errors import DETERMINISTIC_EXIT_CODES
 from ms2mg_operator.api.v1alpha1 import CheckpointConversion, ObjectMeta
 from ms2mg_operator.config import OperatorSettings
 from ms2mg_operator.jobs import job_name, label_value, mounted_path, render_job
-
 from tests.operator.conftest import make_body
 from tests.operator.test_api import spec_with
 

@@ -9,6 +9,7 @@ from typing import Any
 import kmock as km
 import pytest
 from kubernetes import client
+
 from ms2mg_operator.crdgen import build_crd
 from ms2mg_operator.kube import (
     ConflictError,
@@ -18,7 +19,6 @@ from ms2mg_operator.kube import (
     PermanentApiError,
     TransientApiError,
 )
-
 from tests.operator.conftest import make_body
 from tests.operator.kmock_shim import StampingEmulator, register_crd
 

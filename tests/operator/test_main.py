@@ -12,9 +12,9 @@ from pathlib import Path
 
 import kmock as km
 import pytest
+
 from ms2mg_operator.config import OperatorSettings
 from ms2mg_operator.crdgen import build_crd
-
 from tests.operator.harness import CONVERSIONS, Cluster, has, new_client
 from tests.operator.kmock_shim import StampingEmulator, register_crd
 from tests.operator.test_handlers import new_body

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from ms2mg_converter.result import ConversionResult, ProgressEvent
 from ms2mg_operator.observe import (
     PodInfo,

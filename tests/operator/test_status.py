@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from ms2mg_converter.result import ConversionResult, ProgressEvent
 from ms2mg_operator.api.v1alpha1 import CheckpointConversionStatus, ConditionType
 from ms2mg_operator.observe import JobInfo, Observation, PodInfo

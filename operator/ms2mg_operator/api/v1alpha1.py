@@ -19,6 +19,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
 from ms2mg_converter.config import (
     DType,
     Fc1Layout,
@@ -29,8 +32,6 @@ from ms2mg_converter.config import (
     QkvLayout,
     TransformerImpl,
 )
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
-from pydantic.alias_generators import to_camel
 
 JsonDict = dict[str, JsonValue]
 
