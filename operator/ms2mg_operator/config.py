@@ -74,6 +74,15 @@ class OperatorSettings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("default_ttl_seconds_after_finished", "default_active_deadline_seconds", "image_pull_policy",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (`MS2MG_DEFAULT_TTL_SECONDS_AFTER_FINISHED=`) means unset, as the docs say."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @property
     def all_namespaces(self) -> bool:
         """True when every namespace is watched."""

@@ -13,10 +13,12 @@ pydantic's JSON Schema (2020-12) is turned into a Kubernetes *structural* openAP
   so `kubectl get -o yaml` shows what will run and a later operator version cannot silently change it.
   `null` defaults are dropped. `status` carries no defaults: only the operator writes it.
 
-CLI: `python -m ms2mg_operator.crdgen [--check] [--output PATH ...]` writes (or checks) the CRD YAML. The
-default output is `crds/checkpointconversions.ms2mg.io.yaml` relative to the working directory (run it from
-the repository root); more outputs (e.g. a Helm chart template) can be given with `--output`, and
-`render_crd_yaml()` is the hook for wrappers that add templating around the same text.
+CLI: `python -m ms2mg_operator.crdgen [--check] [--output PATH ...] [--chart-template PATH ...]` writes (or
+checks) the CRD YAML. The default outputs, relative to the working directory (run it from the repository root),
+are `crds/checkpointconversions.ms2mg.io.yaml` and, when the chart exists, the Helm chart's CRD template
+`charts/ms2mg/templates/crd-checkpointconversions.yaml` (`render_chart_template()`: the same text with the
+chart's labels, the `crds.enabled` switch and the `crds.keep` annotation templated in). `render_crd_yaml()` is
+the hook for other wrappers that add templating around the same text.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ DEFAULT_OUTPUT = Path("crds") / f"{CRD_NAME}.yaml"
 REGENERATE_COMMAND = "python -m ms2mg_operator.crdgen"
 HEADER = (
     "# Generated from ms2mg_operator/api/v1alpha1.py by `python -m ms2mg_operator.crdgen`. Do not edit.\n"
+)
+CHART_DIR = Path("charts") / "ms2mg"
+CHART_TEMPLATE = CHART_DIR / "templates" / "crd-checkpointconversions.yaml"
+CHART_HEADER = (
+    "{{- /* Generated from ms2mg_operator/api/v1alpha1.py by `python -m ms2mg_operator.crdgen`. Do not edit. */}}\n"
+    "{{- if .Values.crds.enabled }}\n"
+)
+CHART_METADATA = (
+    "  labels:\n"
+    "    {{- include \"ms2mg.labels\" . | nindent 4 }}\n"
+    "  {{- if .Values.crds.keep }}\n"
+    "  annotations:\n"
+    "    # `helm uninstall` leaves the CRD, and with it every CheckpointConversion, in place\n"
+    "    helm.sh/resource-policy: keep\n"
+    "  {{- end }}\n"
 )
 
 PRINTER_COLUMNS: list[JsonDict] = [
@@ -176,8 +193,22 @@ def render_crd_yaml(header: str = HEADER) -> str:
     return header + body
 
 
-def _check(outputs: Sequence[Path], text: str) -> int:
-    stale = [p for p in outputs if not p.is_file() or p.read_text(encoding="utf-8") != text]
+def render_chart_template() -> str:
+    """The Helm chart's CRD template: the generated CRD behind `crds.enabled`, with the chart's labels and, behind
+    `crds.keep`, the `helm.sh/resource-policy: keep` annotation. Everything else is the text of `render_crd_yaml`."""
+    crd = build_crd()
+    crd["metadata"] = {"name": CRD_NAME}
+    body = yaml.safe_dump(crd, sort_keys=False, width=110, allow_unicode=True)
+    if "{{" in body or "}}" in body:  # would be read as template actions
+        raise ValueError("the CRD text contains '{{' or '}}'; escape it before templating")
+    anchor = f"metadata:\n  name: {CRD_NAME}\n"
+    if body.count(anchor) != 1:
+        raise ValueError("unexpected CRD metadata layout")
+    return CHART_HEADER + body.replace(anchor, anchor + CHART_METADATA) + "{{- end }}\n"
+
+
+def _check(outputs: dict[Path, str]) -> int:
+    stale = [p for p, text in outputs.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
     for path in stale:
         print(f"{path} is out of date with ms2mg_operator/api/v1alpha1.py; regenerate it with:\n"
               f"    {REGENERATE_COMMAND}", file=sys.stderr)
@@ -189,14 +220,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      else None)
     parser.add_argument("--output", action="append", type=Path, metavar="PATH",
                         help=f"file to write (repeatable; default {DEFAULT_OUTPUT})")
+    parser.add_argument("--chart-template", action="append", type=Path, metavar="PATH",
+                        help=f"Helm chart CRD template to write (repeatable; default {CHART_TEMPLATE} when "
+                             f"{CHART_DIR} exists and no --output is given)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when a file differs from the models")
     args = parser.parse_args(argv)
-    outputs: list[Path] = args.output or [DEFAULT_OUTPUT]
-    text = render_crd_yaml()
+    plain: list[Path] = args.output or ([] if args.chart_template else [DEFAULT_OUTPUT])
+    charts: list[Path] = args.chart_template or (
+        [CHART_TEMPLATE] if not args.output and (CHART_DIR / "Chart.yaml").is_file() else [])
+    outputs = {path: render_crd_yaml() for path in plain}
+    outputs.update({path: render_chart_template() for path in charts})
     if args.check:
-        return _check(outputs, text)
-    for path in outputs:
+        return _check(outputs)
+    for path, text in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}")

@@ -97,3 +97,15 @@ def test_kopf_accepts_the_arguments(ours: OperatorSettings) -> None:
     assert params["modules"] == ("ms2mg_operator.handlers",)
     assert params["clusterwide"] is ours.all_namespaces
     assert params["log_format"].name.lower() == {"plain": "full", "json": "json"}[ours.log_format]
+
+
+def test_empty_optional_variables_mean_unset(monkeypatch) -> None:
+    from ms2mg_operator.config import OperatorSettings
+
+    monkeypatch.setenv("MS2MG_DEFAULT_TTL_SECONDS_AFTER_FINISHED", "")
+    monkeypatch.setenv("MS2MG_DEFAULT_ACTIVE_DEADLINE_SECONDS", " ")
+    monkeypatch.setenv("MS2MG_IMAGE_PULL_POLICY", "")
+    s = OperatorSettings()
+    assert s.default_ttl_seconds_after_finished is None
+    assert s.default_active_deadline_seconds is None
+    assert s.image_pull_policy is None
