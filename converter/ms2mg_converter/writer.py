@@ -1,16 +1,19 @@
 """Writing rank files on background threads, so casting, writing and hashing overlap.
 
     main thread ──cmds──► writer thread ──bytes──► hasher thread
-    (map, cast, check)    (write, CRC-32)          (sha256, fsync, close; returns chunk buffers)
+    (map, cast, check)    (write, CRC-32,          (sha256; returns chunk buffers)
+                           start writeback)
 
 The writer owns the open file and its `ZipStreamWriter`; everything it writes goes on to the hasher in
-file order, and a chunk buffer goes back to the pool only after it has been written *and* hashed. A file
-is fsync'ed by the hasher after its last byte is hashed, while the next file is already being written.
-Any error on either thread is kept and re-raised in the main thread at its next command.
+file order, and a chunk buffer goes back to the pool only after it has been written *and* hashed. Every
+`WRITEBACK_BYTES` the writer asks the kernel to start writing the new pages to disk (`sync_file_range`,
+asynchronous), so the disk works while the CPUs cast and hash; `finish()` then fsyncs every file, which
+only waits for what is still in flight. Any error on either thread is re-raised in the main thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import queue
@@ -23,6 +26,27 @@ import numpy as np
 
 from ms2mg_converter.reader import Array, BufferPool
 from ms2mg_converter.zipwriter import ZipStreamWriter
+
+WRITEBACK_BYTES = 32 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing [offset, offset+length) to disk now, without waiting (Linux only)."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -87,17 +111,9 @@ class _Hasher(_Stage):
         elif kind == "release":
             self.pool.put(msg[1])
         elif kind == "done":
-            f, path, size = msg[1], msg[2], msg[3]
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            self.pending.remove(f)
+            path, size = msg[1], msg[2]
             self.written.append(WrittenFile(path, size, self.sha.hexdigest()))
             self.sha = hashlib.sha256()
-
-    def cleanup(self) -> None:
-        for f in self.pending:
-            f.close()
 
 
 class _Writer(_Stage):
@@ -107,14 +123,18 @@ class _Writer(_Stage):
         self.file: BinaryIO | None = None
         self.zip: ZipStreamWriter | None = None
         self.path: Path | None = None
+        self.kicked = 0
+        self.files: list[BinaryIO] = []
+        """Every file opened, kept open until `finish()` fsyncs it (or a failure closes it)."""
 
     def handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "open":
             self.path = msg[1]
-            self.file = open(msg[1], "xb")  # noqa: SIM115 - closed by the hasher after fsync
-            self.hasher.pending.append(self.file)
+            self.file = open(msg[1], "xb")  # noqa: SIM115 - closed after fsync in finish() or on failure
+            self.files.append(self.file)
             self.zip = ZipStreamWriter(self.file, digest=lambda data: self.hasher.put("data", data))
+            self.kicked = 0
             return
         z = self.zip
         assert z is not None
@@ -126,12 +146,26 @@ class _Writer(_Stage):
             buf, elems = msg[1], msg[2]
             z.write(memoryview(buf[:elems].view(np.uint8)))
             self.hasher.put("release", buf)
+            self._writeback(z)
         elif kind == "end":
             z.end()
         elif kind == "close":
             z.close()
-            self.hasher.put("done", self.file, self.path, z.position)
+            self._writeback(z, final=True)
+            self.hasher.put("done", self.path, z.position)
             self.file = self.zip = None
+
+    def _writeback(self, z: ZipStreamWriter, final: bool = False) -> None:
+        if self.file is None or (z.position - self.kicked < WRITEBACK_BYTES and not final):
+            return
+        self.file.flush()
+        start_writeback(self.file.fileno(), self.kicked, z.position - self.kicked)
+        self.kicked = z.position
+
+    def cleanup(self) -> None:
+        if self.abort.is_set():
+            for f in self.files:
+                f.close()
 
 
 class FileWriterThread:
@@ -180,6 +214,9 @@ class FileWriterThread:
         self._hasher.put("stop")
         self._hasher.thread.join()
         self.raise_error()
+        for f in self._writer.files:
+            os.fsync(f.fileno())
+            f.close()
         return self._hasher.written
 
     def shutdown(self) -> None:
@@ -187,3 +224,5 @@ class FileWriterThread:
         self._abort.set()
         self._writer.thread.join(timeout=30)
         self._hasher.thread.join(timeout=30)
+        for f in self._writer.files:
+            f.close()
