@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ms2mg_converter.checks import padded_vocab_size
+from ms2mg_converter.checks import padded_vocab_size, parallelism_problems
 from ms2mg_converter.config import (
     ConvertConfig,
     Fc1Layout,
@@ -23,7 +23,7 @@ from ms2mg_converter.config import (
     PositionEmbedding,
     QkvLayout,
 )
-from ms2mg_converter.errors import MissingKeyError, ShapeError, UsageError
+from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError, UsageError
 from ms2mg_converter.resolve import Logical, SourceView
 from ms2mg_converter.tables import L, OpKind
 
@@ -223,7 +223,7 @@ def _vocab(view: SourceView, cfg: ConvertConfig, h: int) -> tuple[int, int | Non
         raise ShapeError(f"output_layer.weight has shape {list(out)} but the embedding has {list(emb)}.")
     if true is None:
         if rows % tp:
-            raise UsageError(f"the embedding has {rows} rows, not divisible by TP {tp}, and no "
+            raise ParallelismError(f"the embedding has {rows} rows, not divisible by TP {tp}, and no "
                              "--true-vocab-size was given: pass --true-vocab-size so the table can be padded.")
         return rows, None, rows
     if true > rows:
@@ -287,6 +287,18 @@ def _cross_check(given: ModelOverrides, arch: Architecture) -> None:
                          ". Fix the flags (or the --config YAML), or check that --load-dir is the right model.")
 
 
+def _check_split(cfg: ConvertConfig, values: ModelOverrides, vocab_rows: int) -> None:
+    """The divisibility rules, as soon as the numbers are known: every problem at once, with the numbers."""
+    tp = cfg.tensor_parallel
+    problems = parallelism_problems(values, tp, cfg.pipeline_parallel)
+    if problems and cfg.vocab.true_vocab_size is None and vocab_rows % tp:
+        problems.append(f"the embedding has {vocab_rows} rows, not divisible by TP {tp}, and no "
+                        "--true-vocab-size was given to pad it")
+    if problems:
+        raise ParallelismError(f"cannot split this model TP={cfg.tensor_parallel} x PP={cfg.pipeline_parallel}: "
+                               + "; ".join(problems) + ". Choose sizes that divide these numbers.")
+
+
 def merged_inputs(cfg: ConvertConfig) -> tuple[ModelOverrides, LayoutConfig]:
     """Flags over the --config YAML."""
     if cfg.config_yaml is None:
@@ -311,6 +323,10 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     h = emb[1] if len(emb) == 2 else 0
     heads, groups, d = _heads(view, given, h, qkv_shape[0])
     ffn, swiglu = _mlp(view, h)
+    if heads % groups:
+        raise UsageError(f"num_attention_heads ({heads}) is not divisible by num_query_groups ({groups}).")
+    _check_split(cfg, ModelOverrides(num_layers=num_layers, num_attention_heads=heads, num_query_groups=groups,
+                                     ffn_hidden_size=ffn), emb[0] if emb else 0)
     rows, true, padded = _vocab(view, cfg, h)
     bias_linear, qkv_bias = _biases(view)
     pos = _shape(view, POS)

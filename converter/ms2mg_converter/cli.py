@@ -16,6 +16,7 @@ from ms2mg_converter import __version__
 from ms2mg_converter.cliargs import add_plan_flags, reference_notes, to_config
 from ms2mg_converter.errors import ConversionError, ExitCode, InterruptedConversion
 from ms2mg_converter.result import ConversionResult
+from ms2mg_converter.staging import shielded
 
 log = logging.getLogger("ms2mg")
 
@@ -59,9 +60,15 @@ def _setup_logging(fmt: str) -> None:
     log.propagate = False
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise InterruptedConversion(f"stopped by signal {signal.Signals(signum).name}; nothing was left at the "
-                                "destination")
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT: stop the run (its staging directory is removed), unless the commit has begun."""
+    name = signal.Signals(signum).name
+    if shielded():
+        log.warning("%s received while the checkpoint is being committed or cleaned up; finishing that first",
+                    name)
+        return
+    raise InterruptedConversion(f"stopped by signal {name} before the checkpoint was complete; nothing was "
+                                "written to --save-dir (an existing checkpoint there is unchanged)")
 
 
 def _write_result(path: Path | None, result: ConversionResult) -> None:
@@ -83,9 +90,10 @@ def _run(ns: argparse.Namespace, handler: Callable[[argparse.Namespace], Convers
                                   seconds=time.perf_counter() - t0, converter_version=__version__)
         log.error("error: %s", e)
     except KeyboardInterrupt:
-        result = ConversionResult(status="Failed", reason="Interrupted", message="interrupted",
+        message = "interrupted before the checkpoint was complete; nothing was written to --save-dir"
+        result = ConversionResult(status="Failed", reason="Interrupted", message=message,
                                   exit_code=int(ExitCode.INTERRUPTED), converter_version=__version__)
-        log.error("interrupted; nothing was left at the destination")
+        log.error("error: %s", message)
     except Exception as e:  # noqa: BLE001 - last resort: report, never hide
         traceback.print_exc()
         result = ConversionResult(status="Failed", reason="InternalError", message=f"{type(e).__name__}: {e}",
@@ -98,7 +106,15 @@ def _run(ns: argparse.Namespace, handler: Callable[[argparse.Namespace], Convers
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     _setup_logging(ns.log_format)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(ns)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(ns: argparse.Namespace) -> int:
     from ms2mg_converter import commands
 
     handlers: dict[str, Callable[[argparse.Namespace], ConversionResult]] = {

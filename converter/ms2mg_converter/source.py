@@ -67,6 +67,25 @@ class SourceIndex:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+class _DuplicateName(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`json` object hook: a name given twice is an error (a parser would silently keep one of them), and so
+    is a lone UTF-16 surrogate escape (`\\ud800`), which Python's json accepts and safetensors refuses."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateName(key)
+        for text in (key, value) if isinstance(value, str) else (key,):
+            text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+        out[key] = value
+    return out
+
+
 def _bad(path: Path, what: str) -> SourceError:
     return SourceError(f"{path}: {what}. The file is not a valid safetensors file (truncated download, "
                        "interrupted copy or another format?); re-export or re-copy it.")
@@ -87,8 +106,10 @@ def _read_header(path: Path) -> tuple[dict[str, object], int, int]:
     except OSError as e:
         raise SourceError(f"{path}: cannot be read ({e.strerror or e}).") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except _DuplicateName as e:
+        raise _bad(path, f"its header names {e.name!r} twice") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _bad(path, f"its {n}-byte JSON header does not parse ({e})") from e
     if not isinstance(header, dict):
         raise _bad(path, "its header is not a JSON object")
@@ -99,11 +120,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict):
         raise _bad(path, f"header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _bad(path, f"tensor {name!r} has the unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -116,20 +137,51 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     return TensorInfo(name, str(dtype), tuple(shape), path, data_start + begin, end - begin)
 
 
-def read_file(path: Path) -> tuple[SourceFile, list[TensorInfo]]:
-    """Parse and check one safetensors file's header."""
-    header, n, size = _read_header(path)
-    data_start = 8 + n
-    infos = [_tensor_info(path, name, entry, data_start, size - data_start)
-             for name, entry in header.items() if name != "__metadata__"]
+def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, data_len: int) -> None:
+    """Tensors must not overlap and must tile the data section exactly, as the safetensors library demands.
+
+    A gap or trailing bytes mean a damaged or foreign file; the library (which `ms2mg verify` uses) refuses
+    such a file, so it is refused here, before anything is written.
+    """
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos if t.nbytes)
     for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise _bad(path, f"the data of tensors {a!r} and {b!r} overlap")
+    pos = 0
+    for t in sorted(infos, key=lambda t: (t.offset, t.nbytes)):
+        begin = t.offset - data_start
+        if begin != pos:
+            raise _bad(path, f"bytes {pos} to {begin} of its data section, before tensor {t.name!r}, belong to "
+                             "no tensor (the safetensors format has no gaps)")
+        pos = begin + t.nbytes
+    if pos != data_len:
+        raise _bad(path, f"its last {data_len - pos} bytes belong to no tensor (the tensors end at byte {pos} of "
+                         f"the {data_len}-byte data section)")
+
+
+def read_file(path: Path) -> tuple[SourceFile, list[TensorInfo]]:
+    """Parse and check one safetensors file's header."""
+    header, n, size = _read_header(path)
+    data_start = 8 + n
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _bad(path, "its __metadata__ is not an object of strings")
+    infos = [_tensor_info(path, name, entry, data_start, size - data_start)
+             for name, entry in header.items() if name != "__metadata__"]
+    _check_layout(path, infos, data_start, size - data_start)
     return SourceFile(path, size, n), infos
 
 
 def _files_of(load: Path) -> list[Path]:
+    try:
+        return _list_files(load)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(load) else ""
+        hint = "; check the permissions of the directory and its files" if isinstance(e, PermissionError) else ""
+        raise SourceError(f"--load-dir {load}: cannot be read: {e.strerror or e}{where}{hint}.") from e
+
+
+def _list_files(load: Path) -> list[Path]:
     if load.is_file():
         return [load]
     if not load.exists():
@@ -139,19 +191,31 @@ def _files_of(load: Path) -> list[Path]:
     index = load / INDEX_NAME
     if index.is_file():
         return _files_from_index(index)
-    files = sorted(load.glob("*.safetensors"))
+    files = sorted(p for p in load.iterdir() if p.name.endswith(".safetensors"))  # unlike glob, reports EACCES
     if not files:
         raise SourceError(f"--load-dir {load}: the directory holds no *.safetensors file (and no {INDEX_NAME}). "
                           "Point --load-dir at the MindFormers checkpoint directory or file.")
     return files
 
 
-def _files_from_index(index: Path) -> list[Path]:
+def _read_index(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except PermissionError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SourceError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}.") from e
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise SourceError(f"{index}: 'weight_map' must map tensor names to shard file names.")
+    for name in set(weight_map.values()):
+        if Path(name).is_absolute() or ".." in Path(name).parts or not name:
+            raise SourceError(f"{index}: the shard name {name!r} is not a file inside the checkpoint directory; "
+                              "ms2mg reads no file outside --load-dir.")
+    return weight_map
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    names = sorted(set(_read_index(index).values()))
     files = [index.parent / n for n in names]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -161,10 +225,10 @@ def _files_from_index(index: Path) -> list[Path]:
 
 
 def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
-    weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    weight_map = _read_index(index)
     for name, file in weight_map.items():
         info = tensors.get(name)
-        if info is None or info.file.name != file:
+        if info is None or info.file != index.parent / file:
             where = "is in no file" if info is None else f"is in {info.file.name}"
             raise SourceError(f"{index}: the index puts tensor {name!r} in {file}, but it {where}.")
 
