@@ -64,6 +64,10 @@ def convert(ns: argparse.Namespace) -> ConversionResult:
              plan.arch.padded_vocab_size, len(plan.files), cfg.tensor_parallel, cfg.pipeline_parallel, cfg.dtype)
     if plan.dropped:
         log.info("dropped %d optimizer/bookkeeping key(s), e.g. %s", len(plan.dropped), plan.dropped[0])
+    if not cfg.overwrite:
+        done = _already_converted(plan, t0)
+        if done is not None:
+            return done
     progress = make_progress(ns.progress) or no_progress
     if cfg.verify:
         _preload_verifier()
@@ -80,6 +84,29 @@ def convert(ns: argparse.Namespace) -> ConversionResult:
         files=len(stats.files) + 2, bytes=stats.bytes, seconds=round(seconds, 3),
         padded_vocab_size=plan.arch.padded_vocab_size, manifest_path=str(stats.manifest),
         verified=stats.verified, peak_rss_bytes=rss, converter_version=__version__)
+
+
+def _already_converted(plan: Plan, t0: float) -> ConversionResult | None:
+    from ms2mg_converter.manifest import MANIFEST_NAME, matching_checkpoint
+    from ms2mg_converter.staging import Staging
+
+    save = plan.config.save_dir
+    if save is None or not (save / MANIFEST_NAME).is_file():
+        return None
+    for p in Staging(save, overwrite=False).tidy():
+        if ".ms2mg-staging-" in p.name:
+            log.info("removed the staging directory of an earlier, interrupted run: %s", p)
+    manifest = matching_checkpoint(plan)
+    if manifest is None:
+        return None
+    log.info("%s already holds this exact conversion (same flags and source; every file matches its sha256 in "
+             "the manifest): nothing to do. Pass --overwrite to convert again.", save)
+    return ConversionResult(
+        status="Succeeded", reason="AlreadyConverted", message=f"{save} already holds this conversion",
+        files=len(manifest.files) + 2, bytes=sum(f.bytes for f in manifest.files),
+        seconds=round(time.perf_counter() - t0, 3), padded_vocab_size=plan.arch.padded_vocab_size,
+        manifest_path=str(save / MANIFEST_NAME) if save else None, verified=manifest.verified,
+        converter_version=__version__)
 
 
 def inspect(ns: argparse.Namespace) -> ConversionResult:

@@ -144,9 +144,9 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
     assert plan.config.save_dir is not None
     staging = Staging(plan.config.save_dir, plan.config.overwrite)
     staging.check_destination()
-    stale = staging.create()
     timings: dict[str, float] = {}
     try:
+        stale = staging.create()
         t0 = time.perf_counter()
         files = _Run(plan, staging.path, progress).write_all()
         _write_tracker(staging.path)

@@ -93,3 +93,41 @@ def read_manifest(directory: Path) -> Manifest | None:
     if not path.is_file():
         return None
     return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 * 1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+def matching_checkpoint(plan: Plan) -> Manifest | None:
+    """The manifest at --save-dir when that checkpoint is exactly what `plan` would write, else None.
+
+    Same request (flags other than --overwrite/--verify), same source files and sizes, and every output file
+    still matching its sha256. This makes a rerun of a finished conversion (a retried Job whose pod died
+    after the commit) a success instead of a "destination not empty" error.
+    """
+    dest = plan.config.save_dir
+    if dest is None or not (dest / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(dest)
+    except ValueError:
+        return None
+    if manifest is None:
+        return None
+    ignore = {"overwrite", "verify"}
+    if manifest.config.model_dump(exclude=ignore) != plan.config.model_dump(exclude=ignore):
+        return None
+    if manifest.source.files != [{"path": str(f.path), "bytes": f.size} for f in plan.source.files]:
+        return None
+    for f in manifest.files:
+        path = dest / f.path
+        if not path.is_file() or path.stat().st_size != f.bytes or _sha256(path) != f.sha256:
+            return None
+    return manifest

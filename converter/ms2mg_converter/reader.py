@@ -9,6 +9,7 @@ bit for bit), so the memory used is a few chunks and windows, whatever the size 
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from ms2mg_converter.config import DType
-from ms2mg_converter.errors import NonFiniteError
+from ms2mg_converter.errors import NonFiniteError, SourceError
 from ms2mg_converter.ops import Run
 from ms2mg_converter.plan import Read, TensorEntry
 
@@ -63,6 +64,10 @@ class SourceWindow:
         begin = self.read.offset + lo * self.row_bytes
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = begin - start + (hi - lo) * self.row_bytes
+        size = os.fstat(self._file.fileno()).st_size
+        if start + length > size:  # reading past the end of a mapping is SIGBUS, not an exception
+            raise SourceError(f"{self.read.file}: the file is now {size} bytes, too short for tensor "
+                              f"{self.read.name!r}; it changed (was truncated) while converting.")
         if length == 0:
             self._arr, self._lo, self._hi = np.empty((0, self.read.cols), self.dtype), lo, hi
             return

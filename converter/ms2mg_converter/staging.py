@@ -184,6 +184,14 @@ class Staging:
                         d, e.strerror or e)
         return handled
 
+    def tidy(self) -> list[Path]:
+        """Repair what interrupted runs left (`recover`) and remove their stale staging directories."""
+        handled = self.recover()
+        for p in self.stale():
+            shutil.rmtree(p, ignore_errors=True)
+            handled.append(p)
+        return handled
+
     def stale(self) -> list[Path]:
         """Staging directories of earlier runs that died (their lock is free)."""
         return [p for p in self._siblings("staging") if not _is_locked(p)]

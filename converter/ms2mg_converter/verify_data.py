@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import Fc1Layout, PadFill, QkvLayout
+from ms2mg_converter.errors import SourceError
 from ms2mg_converter.plan import Plan, TensorEntry
 from ms2mg_converter.resolve import Logical, resolve
 from ms2mg_converter.tables import OpKind
@@ -125,16 +126,20 @@ class ExpectedTensors:
         if got.shape[0] != hi - lo:
             return f"{got.shape[0]} rows, expected {hi - lo}"
         step = max(1, BLOCK_BYTES // max(1, cols * 4))
-        with safe_open(str(info.file), framework="pt") as f:
-            sl = f.get_slice(info.name)
-            for a in range(lo, hi, step):
-                b = min(hi, a + step)
-                for (x, y), exp in self._expected_rows(sl, kind, a, b):
-                    if len(info.shape) > 1:
-                        exp = exp[:, col]
-                    bad = self._same(got[x - lo: y - lo], exp)
-                    if bad:
-                        return f"rows {x}..{y}: {bad}"
+        try:
+            with safe_open(str(info.file), framework="pt") as f:
+                sl = f.get_slice(info.name)
+                for a in range(lo, hi, step):
+                    b = min(hi, a + step)
+                    for (x, y), exp in self._expected_rows(sl, kind, a, b):
+                        if len(info.shape) > 1:
+                            exp = exp[:, col]
+                        bad = self._same(got[x - lo: y - lo], exp)
+                        if bad:
+                            return f"rows {x}..{y}: {bad}"
+        except (SafetensorError, OSError) as e:
+            raise SourceError(f"{info.file}: cannot read tensor {info.name!r} to verify it ({e}); did the source "
+                              "change while converting?") from e
         return None
 
     def _expected_rows(self, sl: Any, kind: Split, a: int, b: int) -> list[tuple[tuple[int, int], torch.Tensor]]:
@@ -161,5 +166,9 @@ def _rows(sl: Any, a: int, b: int) -> torch.Tensor:
 
 
 def _read(file: Any, name: str) -> torch.Tensor:
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(name)  # type: ignore[no-any-return]
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)  # type: ignore[no-any-return]
+    except (SafetensorError, OSError) as e:
+        raise SourceError(f"{file}: cannot read tensor {name!r} to verify it ({e}); did the source change "
+                          "while converting?") from e

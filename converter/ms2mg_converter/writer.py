@@ -128,6 +128,14 @@ class _Writer(_Stage):
         """Every file opened, kept open until `finish()` fsyncs it (or a failure closes it)."""
 
     def handle(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self._handle(msg)
+        except OSError as e:
+            if e.filename is None and self.path is not None:  # name the file in "disk full" and such
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise
+
+    def _handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "open":
             self.path = msg[1]

@@ -96,7 +96,11 @@ def test_destination_rules(sample, tmp_path):
     (dst / "notes.txt").unlink()
     assert run_cli(*args).returncode == 0  # an empty directory is fine
     first = json.loads((dst / "ms2mg-manifest.json").read_text())["created"]
-    assert run_cli(*args).returncode == 4
+    again = run_cli(*args, "--result-file", str(tmp_path / "again.json"))  # a retried Job: same request
+    assert again.returncode == 0 and "already holds this exact conversion" in again.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["reason"] == "AlreadyConverted"
+    assert json.loads((dst / "ms2mg-manifest.json").read_text())["created"] == first
+    assert run_cli(*args, "--tp", "2").returncode == 4  # a different request needs --overwrite
     r = run_cli(*args, "--overwrite", "--tp", "2")
     assert r.returncode == 0, r.stderr
     assert (dst / "iter_0000001" / "mp_rank_01").is_dir() and not (dst / "iter_0000001" / "mp_rank_00" / "x").exists()
