@@ -281,13 +281,16 @@ def sync(ctx: Context, namespace: str, name: str, uid: str, observed: Observed) 
         previous = parse_status(body)
         if not is_accepted(previous, meta.generation):
             return
-        observation = _observe(ctx, meta, spec, observed)
+        observation = _observe(ctx, meta, spec, observed, read_log=not is_terminal(previous, meta.generation))
         new = derive_status(previous, generation=meta.generation, now=ctx.clock(), observation=observation)
         _commit(ctx, meta, previous, new)
 
 
-def _observe(ctx: Context, meta: ObjectMeta, spec: CheckpointConversionSpec,
-             observed: Observed) -> Observation:
+def _observe(ctx: Context, meta: ObjectMeta, spec: CheckpointConversionSpec, observed: Observed, *,
+             read_log: bool = True) -> Observation:
+    """What the generation's Job and newest pod show. The pod log is read for the progress line while the
+    container runs, and once more when it has terminated (until the status is terminal), so that the final
+    progress ("112/112") is recorded rather than the last value a timer happened to see."""
     expected = job_name(meta)
     prefix = ctx.settings.label_prefix
     job = next((job_info(j, prefix) for j in observed.jobs if _get(j, "metadata", "name") == expected), None)
@@ -296,7 +299,7 @@ def _observe(ctx: Context, meta: ObjectMeta, spec: CheckpointConversionSpec,
             if _get(p, "metadata", "labels", gen_label) == str(meta.generation)]
     pod = newest_pod(pods)
     progress = None
-    if pod is not None and pod.phase == "Running":
+    if pod is not None and read_log and pod.phase in ("Running", "Succeeded", "Failed"):
         tail = ctx.kube.read_log_tail(meta.namespace, pod.name, CONTAINER_NAME, ctx.settings.log_tail_lines)
         progress = last_progress(tail)
     return Observation(job=job, job_deleted=job is None and observed.deleted_job == expected, pod=pod,

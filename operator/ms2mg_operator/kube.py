@@ -174,6 +174,8 @@ class KubeClient:
                        body={"status": status}, content_type="application/merge-patch+json")
         except NotFoundError:
             return False
+        except ConflictError as e:  # the server gave up after its own conflict retries: not applied, retry
+            raise TransientApiError(str(e), e.status, delay=min(self._retry_delay, 5.0)) from e
         return True
 
     # --- Jobs ----------------------------------------------------------------------------------

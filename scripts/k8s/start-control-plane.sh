@@ -15,7 +15,8 @@
 #   --watch-pid P  start a watchdog that runs stop-control-plane.sh when process P exits (pytest crash, SIGKILL)
 #
 # Writes into WORKDIR: kubeconfig (admin, system:masters), cluster.env (KEY=VALUE: server URL, token, ports, PIDs),
-# certs/, {etcd,apiserver,apiext,kcm,watchdog}.pid and .log, etcd-data/.
+# certs/, {etcd,apiserver,apiext,kcm,watchdog}.pid and .log, etcd-data/, audit-policy.yaml + audit.log
+# (requests of ServiceAccounts only).
 # Binaries: $MS2MG_CACHE (default /var/cache/ms2mg; build them with scripts/k8s/setup.sh) or the env overrides
 # ETCD_BIN, KUBE_APISERVER_BIN, APIEXT_BIN, KCM_BIN, KUBECTL.
 # On any failure everything started so far is stopped again and the tail of the failing component's log is printed.
@@ -168,12 +169,29 @@ subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:$APIEXT_SVC.kube-system.svc"
 leaf front-proxy-client front-proxy-ca /CN=front-proxy-client "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
+# kube-apiserver -> kubelet (pods/log, exec, ...): the apiserver presents this client cert and verifies the kubelet's
+# serving cert against the cluster CA; tests/k8s/kubelet.py (the fake kubelet) signs its serving cert with ca.key
+leaf kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
 key "$C/sa.key"
 openssl pkey -in "$C/sa.key" -pubout -out "$C/sa.pub" 2>/dev/null
 TOKEN=$(openssl rand -hex 24)
 echo "$TOKEN,admin,admin,system:masters" >"$C/tokens.csv"
 chmod 600 "$C"/*.key "$C/tokens.csv"
 log "certificates and keys in $(_el "$t")"
+
+# audit: only requests of ServiceAccounts (metadata level), so tests can list the verbs an operator running with a
+# ServiceAccount token really used; the admin token, KCM and the aggregator's own traffic are not logged
+cat >"$W/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: [system:serviceaccounts]
+- level: None
+EOF
 
 cat >"$W/kubeconfig" <<EOF
 apiVersion: v1
@@ -215,7 +233,10 @@ start_daemon apiserver "$KAS" \
   --requestheader-client-ca-file="$C/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
   --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
   --requestheader-extra-headers-prefix=X-Remote-Extra- \
-  --proxy-client-cert-file="$C/front-proxy-client.crt" --proxy-client-key-file="$C/front-proxy-client.key"
+  --proxy-client-cert-file="$C/front-proxy-client.crt" --proxy-client-key-file="$C/front-proxy-client.key" \
+  --kubelet-certificate-authority="$C/ca.crt" --kubelet-client-certificate="$C/kubelet-client.crt" \
+  --kubelet-client-key="$C/kubelet-client.key" --kubelet-preferred-address-types=InternalIP,Hostname \
+  --audit-policy-file="$W/audit-policy.yaml" --audit-log-path="$W/audit.log" --audit-log-format=json
 # /readyz includes the autoregister-completion hook: after it, the one-time "onstart" sync of the built-in
 # APIServices is over and our re-routing of apiextensions.k8s.io below is not reset
 wait_until apiserver "kube-apiserver 1.20 ready ($SERVER, pid $(cat "$W/apiserver.pid"))" \
@@ -282,6 +303,8 @@ log "routing applied in $(_el "$t") (groups: apiextensions.k8s.io/v1${GROUPS_TO_
   echo "K8S_SERVER=$SERVER"
   echo "K8S_TOKEN=$TOKEN"
   echo "K8S_CA_FILE=$C/ca.crt"
+  echo "K8S_CA_KEY=$C/ca.key"
+  echo "AUDIT_LOG=$W/audit.log"
   echo "ETCD_URL=http://127.0.0.1:$P_ETCD"
   echo "APIEXT_URL=https://127.0.0.1:$P_APIEXT"
   echo "APIEXT_SERVICE=kube-system/$APIEXT_SVC:$P_APIEXT"

@@ -53,6 +53,26 @@ def fail_times(emulator: km.KubernetesEmulator, times: int, status: int, action:
     return hits
 
 
+def refuse_times(emulator: km.KubernetesEmulator, times: int, status: int, action: km.action, resource: str,
+                 subresource: str | None = None) -> list[Any]:
+    """Refuse the next `times` matching requests with `status` *without* applying them (a real 409/500).
+    Needs the StampingEmulator of kmock_shim. Returns the list of refused requests."""
+    hits: list[Any] = []
+
+    def refuse(request: Any) -> int | None:
+        if len(hits) >= times or not matches(request, action, resource, subresource):
+            return None
+        hits.append(request)
+        return status
+
+    refusals = getattr(emulator, "refusals", None)
+    if refusals is None:
+        refusals = []
+        emulator.refusals = refusals  # type: ignore[attr-defined]
+    refusals.append(refuse)
+    return hits
+
+
 @dataclass
 class Cluster:
     kmock: km.KubernetesEmulator

@@ -8,6 +8,7 @@ Appendix A). This subclass fixes them:
 3. watches subscribe to the event bus *before* replaying the snapshot (kmock loses events in between) and
    honour `?resourceVersion=`;
 4. lists carry `apiVersion`/`kind` and a resourceVersion.
+It also adds `refusals` (fault injection that refuses a request before it is applied).
 It touches kmock's private names (`_handle`, `_buses`, `_lock`, name-mangled helpers): hence the pin.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import jsonpatch
@@ -73,7 +74,16 @@ class StampingEmulator(kmock.KubernetesEmulator):
             return
         data["metadata"]["generation"] = int(current) + 1
 
+    refusals: list[Callable[[Any], int | None]]
+    """Checked before kmock applies a request: a returned status code refuses it *unapplied* (kmock's own
+    reactions answer after the change was applied, like a server that fails after committing)."""
+
     async def _handle(self, request: Any) -> Any:
+        for refuse in getattr(self, "refusals", ()):
+            code = refuse(request)
+            if code:
+                raise kmock.KubernetesError(status=code, reason="Injected",
+                                            message=f"injected {code} (not applied)")
         if request.resource is not None:
             self._stamp(request)
         try:

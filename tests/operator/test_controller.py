@@ -285,6 +285,27 @@ def test_sync_follows_the_job_to_success(ctx: Context, kube: FakeKube) -> None:
     assert metric(ctx, "ms2mg_conversions_total", {"result": "succeeded", "reason": "Converted"}) == 1
 
 
+def test_sync_records_the_final_progress(ctx: Context, kube: FakeKube) -> None:
+    """Found by the integration tests: the timer may last have seen "5/12"; the log of the finished pod is read
+    once more, so a Succeeded conversion does not show a stale PROGRESS."""
+    body = add(kube, make_body())
+    reconcile(ctx, NAMESPACE, "llama")
+    job = kube.jobs[expected_job(body)]
+    job["status"] = {"active": 1}
+    kube.logs["p1"] = '{"done": 5, "total": 12, "bytes": 5}\n'
+    sync(ctx, NAMESPACE, "llama", UID, Observed(jobs=[job], pods=[running_pod("p1")]))
+    assert status_of(kube).progress == "5/12"
+    kube.logs["p1"] += '{"done": 12, "total": 12, "bytes": 9}\nms2mg: wrote 4 file(s)\n'
+    job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    result = ConversionResult(status="Succeeded", reason="Converted", verified=True)
+    pod = running_pod("p1", "Succeeded", result.to_json())
+    sync(ctx, NAMESPACE, "llama", UID, Observed(jobs=[job], pods=[pod]))
+    assert status_of(kube).progress == "12/12"
+    kube.logs["p1"] = '{"done": 1, "total": 12, "bytes": 1}\n'  # terminal: the log is not read again
+    sync(ctx, NAMESPACE, "llama", UID, Observed(jobs=[job], pods=[pod]))
+    assert status_of(kube).progress == "12/12"
+
+
 def test_sync_reports_failure(ctx: Context, kube: FakeKube) -> None:
     body = add(kube, make_body())
     reconcile(ctx, NAMESPACE, "llama")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import kmock as km
@@ -20,6 +21,7 @@ from tests.operator.harness import (
     has,
     matches,
     new_client,
+    refuse_times,
     running_operator,
     status_conditions,
 )
@@ -222,3 +224,80 @@ async def test_kueue_queued_job(cluster: Cluster, fast: OperatorSettings) -> Non
         await cluster.patch(f"{JOBS}/{job['metadata']['name']}", {"spec": {"suspend": False}})
         body = await cluster.wait(has("Queued", "False", "Admitted"))
         assert status_conditions(body)[-1][0] in ("Queued", "Running")
+
+
+# --- issue 6: API faults ---------------------------------------------------------------------------------------------
+async def test_status_patch_409s_are_retried(cluster: Cluster, fast: OperatorSettings) -> None:
+    """A 409 on a merge-patch (the server gave up after its own conflict retries; nothing applied) is worth
+    retrying: the status must not be lost and no second Job may appear. Found by this test: a 409 used to be a
+    permanent error, so the create handler gave up and the resource kept no status at all."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    hits = refuse_times(cluster.kmock, 2, 409, km.action.UPDATE, "ms2mg.io/v1alpha1/checkpointconversions",
+                        "status")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        body = await cluster.wait(has("Accepted", reason="JobAdopted"))  # the retry finds its own Job
+        assert len(hits) == 2
+        [job] = await cluster.wait_jobs(1)
+        assert body["status"]["jobName"] == job["metadata"]["name"]
+        await cluster.set_job_status(job["metadata"]["name"], {"succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True"}]})
+        await cluster.wait(has("Succeeded"))
+        assert len(await cluster.jobs()) == 1  # the retries' POSTs got 409 and adopted it
+
+
+async def test_slow_job_create_is_adopted(cluster: Cluster, fast: OperatorSettings) -> None:
+    """The server commits the Job but answers after the client's timeout (5 s here): the retry gets 409 and adopts
+    the Job; one Job, Accepted=True."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    slow: list[Any] = []
+
+    def first_create(request: Any) -> bool:
+        if slow or not matches(request, km.action.CREATE, "batch/v1/jobs"):
+            return False
+        slow.append(request)
+        return True
+
+    async def late() -> dict[str, Any]:
+        await asyncio.sleep(fast.api_timeout_seconds + 2)
+        return {"kind": "Status", "message": "too late"}
+
+    cluster.kmock[first_create] << late
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        body = await cluster.wait(has("Accepted", reason="JobAdopted"), timeout=30)
+        [job] = await cluster.wait_jobs(1)
+        assert body["status"]["jobName"] == job["metadata"]["name"]
+    assert len(slow) == 1
+
+
+async def test_watch_cut_mid_event_recovers(cluster: Cluster, fast: OperatorSettings) -> None:
+    """The first Job watch stream breaks off in the middle of a JSON event (the connection drops): kopf
+    re-establishes the watch and the outcome still arrives (no lost condition).
+
+    Not covered: a stream that ends *cleanly* after a partial line (no API server or proxy frames a response
+    like that). kopf 1.45 then fails on the JSON and the operator process exits; Kubernetes restarts it and
+    the restart tests show that a restart loses nothing."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    cuts: list[Any] = []
+
+    def first_job_watch(request: Any) -> bool:
+        if cuts or not matches(request, km.action.WATCH, "batch/v1/jobs"):
+            return False
+        cuts.append(request)
+        return True
+
+    def drop_connection(request: Any) -> None:
+        request._raw_request.transport.abort()  # a TCP reset: no terminating chunk
+
+    cluster.kmock[first_job_watch] << (b'{"type": "ADDED", "object": {"apiVersion": "batch/v1", "kind": "Jo',
+                                       drop_connection)
+    async with running_operator(cluster.kmock, fast, poll_interval=60):
+        await cluster.post(CONVERSIONS, new_body())
+        await cluster.wait(has("Accepted", reason="JobCreated"))
+        [job] = await cluster.wait_jobs(1)
+        await cluster.set_job_status(job["metadata"]["name"], {"failed": 1, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too slow"}]})
+        await cluster.wait(has("Failed", reason="DeadlineExceeded"), timeout=30)
+        assert len(await cluster.jobs()) == 1
+    assert cuts
