@@ -45,6 +45,13 @@ def _add_io(p: argparse.ArgumentParser, *, save: bool) -> None:
     if save:
         g.add_argument("--save-dir", required=True, type=Path, metavar="DIR",
                        help="Megatron-LM checkpoint directory to create")
+    g.add_argument("--load-root", type=Path, metavar="DIR", default=None,
+                   help="refuse to read anything that resolves (symlinks included) outside DIR "
+                        "(the operator passes the source volume's mount point)")
+    if save:
+        g.add_argument("--save-root", type=Path, metavar="DIR", default=None,
+                       help="refuse to write anything that resolves (symlinks included) outside DIR "
+                            "(the operator passes the destination volume's mount point)")
     g.add_argument("--config", dest="config_yaml", type=Path, metavar="YAML",
                    help="MindFormers model YAML: architecture values and layout flags are read from it "
                         "(flags given on the command line win)")
@@ -188,6 +195,8 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
             overwrite=getattr(ns, "overwrite", False),
             verify=not getattr(ns, "no_verify", False),
             config_yaml=ns.config_yaml,
+            load_root=ns.load_root,
+            save_root=getattr(ns, "save_root", None),
         )
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())

@@ -132,3 +132,7 @@ class ConvertConfig(BaseModel):
     overwrite: bool = False
     verify: bool = True
     config_yaml: Path | None = None
+    load_root: Path | None = None
+    """Read nothing that resolves (symlinks included) outside this directory: the source volume."""
+    save_root: Path | None = None
+    """Write nothing that resolves (symlinks included) outside this directory: the destination volume."""

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ms2mg_converter.confine import check_destination
 from ms2mg_converter.errors import ConversionIOError, VerificationError
 from ms2mg_converter.manifest import OutputFile, build_manifest, tensor_count, write_manifest
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
@@ -107,7 +108,7 @@ class _Run:
     def _tensor(self, e: TensorEntry, key: int, w: FileWriterThread) -> None:
         w.begin(f"{ARCHIVE}/data/{key}", e.nbytes)
         itemsize = e.nbytes // max(1, _numel(e.shape)) if e.nbytes else 0
-        for buf, n in produce(e, self.pool, self.check):
+        for buf, n in produce(e, self.pool, self.check, self.plan.config.load_root):
             w.chunk(buf, n)
             self.bytes += n * itemsize
         w.end()
@@ -142,7 +143,8 @@ def _verify(plan: Plan, root: Path) -> float:
 def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
     """Write, verify and commit the checkpoint described by `plan` (raises `ConversionError`s)."""
     assert plan.config.save_dir is not None
-    staging = Staging(plan.config.save_dir, plan.config.overwrite)
+    check_destination(plan.config.save_dir, plan.config.save_root)
+    staging = Staging(plan.config.save_dir, plan.config.overwrite, plan.config.save_root)
     staging.check_destination()
     timings: dict[str, float] = {}
     try:

@@ -207,7 +207,7 @@ def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
 
 def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
     """Read headers, infer and check the architecture, and lay out every output file."""
-    index = source or open_source(cfg.load_dir)
+    index = source or open_source(cfg.load_dir, cfg.load_root)
     view = resolve(index, cfg.ignore_keys)
     arch = infer_architecture(view, cfg)
     check_parallelism(arch, cfg)

@@ -14,12 +14,14 @@ import queue
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from ms2mg_converter.config import DType
+from ms2mg_converter.confine import check_open_file
 from ms2mg_converter.errors import NonFiniteError, SourceError
 from ms2mg_converter.ops import Run
 from ms2mg_converter.plan import Read, TensorEntry
@@ -42,12 +44,17 @@ class SourceWindow:
     those rows from disk. Views returned by `rows()` must be dropped before the next call.
     """
 
-    def __init__(self, read: Read, max_bytes: int) -> None:
+    def __init__(self, read: Read, max_bytes: int, root: Path | None = None) -> None:
         self.read = read
         self.dtype = np.dtype(SOURCE_DTYPES[read.dtype])
         self.row_bytes = read.cols * self.dtype.itemsize
         self.max_rows = max(1, max_bytes // max(self.row_bytes, 1))
         self._file = open(read.file, "rb")  # noqa: SIM115 - closed in close()
+        try:
+            check_open_file(self._file.fileno(), read.file, root)
+        except BaseException:
+            self._file.close()
+            raise
         self._map: mmap.mmap | None = None
         self._lo = self._hi = 0
         self._arr: Array | None = None
@@ -149,15 +156,19 @@ def _source_rows(win: SourceWindow, run: Run, done: int, k: int, cols: tuple[int
     return win.rows(first, last, limit)[:: run.step, c0:c1]
 
 
-def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None) -> Iterator[tuple[Array, int]]:
-    """Yield (buffer, elements used) chunks that together are the entry's bytes, in row-major order."""
+def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None,
+            root: Path | None = None) -> Iterator[tuple[Array, int]]:
+    """Yield (buffer, elements used) chunks that together are the entry's bytes, in row-major order.
+
+    With `root`, every source file must resolve inside it (checked on the open descriptor)."""
     width = entry.cols[1] - entry.cols[0] if entry.cols else entry.inputs[0].cols
     cols = entry.cols or (0, entry.inputs[0].cols)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
-        windows = [SourceWindow(r, WINDOW_BYTES) for r in entry.inputs]
-        for w in windows:
-            stack.callback(w.close)
+        windows: list[SourceWindow] = []
+        for r in entry.inputs:
+            windows.append(SourceWindow(r, WINDOW_BYTES, root))
+            stack.callback(windows[-1].close)
         buf, filled = pool.get(width), 0
         for run in entry.runs:
             done = 0

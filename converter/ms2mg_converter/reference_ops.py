@@ -15,11 +15,16 @@ from ms2mg_converter.config import Fc1Layout, QkvLayout
 Tensor = torch.Tensor
 
 
-def qkv_split_to_grouped(q: Tensor, k: Tensor, v: Tensor, groups: int) -> Tensor:
-    """Megatron's per-group order: for each group its q heads, then its k head, then its v head."""
+def qkv_split_to_grouped(q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor | None = None) -> Tensor:
+    """Megatron's per-group order: for each group its q heads, then its k head, then its v head.
+
+    `out`, if given, is a contiguous tensor of the result's shape to write into (no allocation)."""
     tail = q.shape[1:]
-    return torch.cat((q.reshape(groups, -1, *tail), k.reshape(groups, -1, *tail), v.reshape(groups, -1, *tail)),
-                     dim=1).reshape(-1, *tail)
+    parts = (q.reshape(groups, -1, *tail), k.reshape(groups, -1, *tail), v.reshape(groups, -1, *tail))
+    if out is None:
+        return torch.cat(parts, dim=1).reshape(-1, *tail)
+    torch.cat(parts, dim=1, out=out.view(groups, -1, *tail))
+    return out
 
 
 def qkv_grouped_to_split(x: Tensor, heads: int, groups: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -29,11 +34,12 @@ def qkv_grouped_to_split(x: Tensor, heads: int, groups: int, head_dim: int) -> t
     return (q.reshape(-1, *x.shape[1:]), k.reshape(-1, *x.shape[1:]), v.reshape(-1, *x.shape[1:]))
 
 
-def qkv_to_grouped(x: Tensor, heads: int, groups: int, head_dim: int, layout: QkvLayout) -> Tensor:
+def qkv_to_grouped(x: Tensor, heads: int, groups: int, head_dim: int, layout: QkvLayout,
+                   out: Tensor | None = None) -> Tensor:
     if layout is QkvLayout.GROUPED:
         return x
     q, k, v = torch.split(x, [heads * head_dim, groups * head_dim, groups * head_dim], dim=0)
-    return qkv_split_to_grouped(q, k, v, groups)
+    return qkv_split_to_grouped(q, k, v, groups, out)
 
 
 def qkv_from_grouped(x: Tensor, heads: int, groups: int, head_dim: int, layout: QkvLayout) -> Tensor:
@@ -42,10 +48,12 @@ def qkv_from_grouped(x: Tensor, heads: int, groups: int, head_dim: int, layout: 
     return torch.cat(qkv_grouped_to_split(x, heads, groups, head_dim), dim=0)
 
 
-def glu_to_gate_up(x: Tensor, layout: Fc1Layout) -> Tensor:
+def glu_to_gate_up(x: Tensor, layout: Fc1Layout, out: Tensor | None = None) -> Tensor:
     if layout is Fc1Layout.GATE_UP:
         return x
-    return torch.cat((x[0::2], x[1::2]), dim=0)
+    if out is None:
+        return torch.cat((x[0::2], x[1::2]), dim=0)
+    return torch.cat((x[0::2], x[1::2]), dim=0, out=out)
 
 
 def glu_from_gate_up(x: Tensor, layout: Fc1Layout) -> Tensor:

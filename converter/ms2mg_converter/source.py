@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ms2mg_converter.confine import check_source_path
 from ms2mg_converter.errors import SourceError
 
 DTYPE_SIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -233,11 +234,15 @@ def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
             raise SourceError(f"{index}: the index puts tensor {name!r} in {file}, but it {where}.")
 
 
-def open_source(load: Path) -> SourceIndex:
-    """Index every tensor of a checkpoint (file, directory of shards, or directory with an index)."""
+def open_source(load: Path, root: Path | None = None) -> SourceIndex:
+    """Index every tensor of a checkpoint (file, directory of shards, or directory with an index).
+
+    With `root`, `load` and every file must resolve inside it (checked before each file is opened)."""
+    check_source_path(load, root, "--load-dir")
     files: list[SourceFile] = []
     tensors: dict[str, TensorInfo] = {}
     for path in _files_of(load):
+        check_source_path(path, root)
         sf, infos = read_file(path)
         files.append(sf)
         for info in infos:

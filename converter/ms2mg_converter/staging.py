@@ -35,6 +35,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ms2mg_converter.confine import check_destination
 from ms2mg_converter.errors import DestinationError, DestinationExistsError
 
 MANIFEST = "ms2mg-manifest.json"
@@ -109,9 +110,10 @@ def _new_name(dest: Path, kind: str) -> Path:
 
 
 class Staging:
-    def __init__(self, dest: Path, overwrite: bool) -> None:
+    def __init__(self, dest: Path, overwrite: bool, root: Path | None = None) -> None:
         self.dest = dest.absolute()
         self.overwrite = overwrite
+        self.root = root
         self.path = _new_name(self.dest, "staging")
         self._lock_fd: int | None = None
         _Shield.active = False
@@ -229,6 +231,7 @@ class Staging:
         _Shield.active = True
         _fsync_tree(self.path)
         d = self.dest
+        check_destination(d, self.root)  # again: a directory on the path may have become a link meanwhile
         if self.overwrite and d.is_dir() and any(d.iterdir()):
             self.check_destination()  # again: the destination may have changed during the run
             if not _renameat2_exchange(self.path, d):

@@ -1,52 +1,29 @@
 """Writing rank files on background threads, so casting, writing and hashing overlap.
 
     main thread ──cmds──► writer thread ──bytes──► hasher thread
-    (map, cast, check)    (write, CRC-32,          (sha256; returns chunk buffers)
-                           start writeback)
+    (map, cast, check)    (zip records, CRC-32,    (sha256; returns chunk buffers)
+                           O_DIRECT via directio)
 
-The writer owns the open file and its `ZipStreamWriter`; everything it writes goes on to the hasher in
-file order, and a chunk buffer goes back to the pool only after it has been written *and* hashed. Every
-`WRITEBACK_BYTES` the writer asks the kernel to start writing the new pages to disk (`sync_file_range`,
-asynchronous), so the disk works while the CPUs cast and hash; `finish()` then fsyncs every file, which
-only waits for what is still in flight. Any error on either thread is re-raised in the main thread.
+The writer owns the open file (`directio.open_output`: O_DIRECT where possible) and its
+`ZipStreamWriter`; everything it writes goes on to the hasher in file order, and a chunk buffer goes back
+to the pool only after it has been written *and* hashed. `finish()` makes sure every file is on disk
+(fsync). Any error on either thread is re-raised in the main thread.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import os
 import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from ms2mg_converter.directio import BufferedFile, DirectFile, open_output
 from ms2mg_converter.reader import Array, BufferPool
 from ms2mg_converter.zipwriter import ZipStreamWriter
-
-WRITEBACK_BYTES = 32 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing [offset, offset+length) to disk now, without waiting (Linux only)."""
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -102,7 +79,6 @@ class _Hasher(_Stage):
         self.pool = pool
         self.sha = hashlib.sha256()
         self.written: list[WrittenFile] = []
-        self.pending: list[BinaryIO] = []
 
     def handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -120,12 +96,11 @@ class _Writer(_Stage):
     def __init__(self, hasher: _Hasher, abort: threading.Event) -> None:
         super().__init__("ms2mg-writer", abort, depth=2)
         self.hasher = hasher
-        self.file: BinaryIO | None = None
+        self.file: DirectFile | BufferedFile | None = None
         self.zip: ZipStreamWriter | None = None
         self.path: Path | None = None
-        self.kicked = 0
-        self.files: list[BinaryIO] = []
-        """Every file opened, kept open until `finish()` fsyncs it (or a failure closes it)."""
+        self.files: list[DirectFile | BufferedFile] = []
+        """Every file opened: `finish()` syncs them (or a failure closes them)."""
 
     def handle(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -139,10 +114,9 @@ class _Writer(_Stage):
         kind = msg[0]
         if kind == "open":
             self.path = msg[1]
-            self.file = open(msg[1], "xb")  # noqa: SIM115 - closed after fsync in finish() or on failure
+            self.file = open_output(msg[1])
             self.files.append(self.file)
             self.zip = ZipStreamWriter(self.file, digest=lambda data: self.hasher.put("data", data))
-            self.kicked = 0
             return
         z = self.zip
         assert z is not None
@@ -154,26 +128,19 @@ class _Writer(_Stage):
             buf, elems = msg[1], msg[2]
             z.write(memoryview(buf[:elems].view(np.uint8)))
             self.hasher.put("release", buf)
-            self._writeback(z)
         elif kind == "end":
             z.end()
         elif kind == "close":
             z.close()
-            self._writeback(z, final=True)
+            assert self.file is not None
+            self.file.close()
             self.hasher.put("done", self.path, z.position)
             self.file = self.zip = None
-
-    def _writeback(self, z: ZipStreamWriter, final: bool = False) -> None:
-        if self.file is None or (z.position - self.kicked < WRITEBACK_BYTES and not final):
-            return
-        self.file.flush()
-        start_writeback(self.file.fileno(), self.kicked, z.position - self.kicked)
-        self.kicked = z.position
 
     def cleanup(self) -> None:
         if self.abort.is_set():
             for f in self.files:
-                f.close()
+                f.abort()
 
 
 class FileWriterThread:
@@ -223,8 +190,7 @@ class FileWriterThread:
         self._hasher.thread.join()
         self.raise_error()
         for f in self._writer.files:
-            os.fsync(f.fileno())
-            f.close()
+            f.sync()
         return self._hasher.written
 
     def shutdown(self) -> None:
@@ -233,4 +199,4 @@ class FileWriterThread:
         self._writer.thread.join(timeout=30)
         self._hasher.thread.join(timeout=30)
         for f in self._writer.files:
-            f.close()
+            f.abort()

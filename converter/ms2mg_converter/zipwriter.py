@@ -13,7 +13,7 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 try:  # zlib-ng's CRC-32 is SIMD (about 6x zlib's here); the checksum is the same
     from zlib_ng.zlib_ng import crc32
@@ -40,6 +40,10 @@ class _Record:
 Sink = Callable[[bytes | memoryview], object]
 
 
+class Writable(Protocol):
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
+
 class ZipStreamWriter:
     """Append-only zip writer; every byte written is also given to `digest` (by default a sha256 here).
 
@@ -47,7 +51,7 @@ class ZipStreamWriter:
     before the memory behind them is reused.
     """
 
-    def __init__(self, out: BinaryIO, digest: Sink | None = None) -> None:
+    def __init__(self, out: Writable, digest: Sink | None = None) -> None:
         self._out = out
         self._pos = 0
         self._records: list[_Record] = []

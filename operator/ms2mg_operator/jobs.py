@@ -98,6 +98,8 @@ def convert_args(spec: CheckpointConversionSpec) -> list[str]:
         "convert",
         "--load-dir", mounted_path(SOURCE_MOUNT, spec.source.path),
         "--save-dir", mounted_path(DESTINATION_MOUNT, spec.destination.path),
+        "--load-root", SOURCE_MOUNT,
+        "--save-root", DESTINATION_MOUNT,
         "--target-tensor-parallel-size", str(spec.parallelism.tensor),
         "--target-pipeline-parallel-size", str(spec.parallelism.pipeline),
         *_model_args(spec),

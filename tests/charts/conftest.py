@@ -1,7 +1,6 @@
 """Fixtures and helpers of the Helm chart tests (charts/ms2mg, docs/helm.md).
 
-$KUBECONFIG is pointed at the session's future kubeconfig HERE, at import time (see tests/integration/conftest.py):
-the ``kubernetes`` package reads it once when it is imported.
+The control plane's fixtures (`k8s_cluster`, `k8s_namespace`) are registered once for the session in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -16,14 +15,6 @@ import pytest
 import yaml
 
 from tests.k8s.cluster import cache_dir
-from tests.k8s.fixtures import (  # noqa: F401 - fixtures are registered by import
-    k8s_cluster,
-    k8s_cluster_crds,
-    k8s_namespace,
-    prepare_kubeconfig_env,
-)
-
-prepare_kubeconfig_env()
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ms2mg"

@@ -338,13 +338,6 @@ def test_unknown_fields_are_pruned_without_strict_validation(k8s_cluster: Cluste
 
 
 # --- symlinks leaving a volume ----------------------------------------------------------------------------------------
-SYMLINK_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="ms2mg convert follows symlinks out of the mounted volume: it needs a check that the resolved "
-           "--load-dir/--save-dir (and every file it opens or creates) stays inside the mount "
-           "(see docs/operator-testing.md, 'Symlinks')")
-
-
 @pytest.fixture
 def volumes(tmp_path: Path, sample_volume: Path) -> dict[str, Path]:
     """A private source volume (with symlinks) and, beside the volumes, an 'outside' directory."""
@@ -373,7 +366,6 @@ def test_symlink_inside_the_volume_is_followed(symlink_env: Env) -> None:
     symlink_env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/latest", "--timeout=90s", timeout=100)
 
 
-@SYMLINK_XFAIL
 def test_source_symlink_leaving_the_volume_is_refused(symlink_env: Env, volumes: dict[str, Path]) -> None:
     """`source.path: models/escape` passes every string check, but the link points outside the source volume: the
     converter must refuse to read through it (exit 3, InvalidSource, naming the link)."""
@@ -383,7 +375,6 @@ def test_source_symlink_leaving_the_volume_is_refused(symlink_env: Env, volumes:
     assert "symlink" in condition(body, "Failed")["message"].lower()  # type: ignore[index]
 
 
-@SYMLINK_XFAIL
 def test_destination_symlink_leaving_the_volume_is_refused(symlink_env: Env, volumes: dict[str, Path]) -> None:
     """`destination.path: escape/ckpt` where `escape` links outside the destination volume: the converter must
     refuse to write through it (exit 4) and write nothing outside."""

@@ -78,6 +78,7 @@ def test_args_parse_with_the_converter(case: str, settings: OperatorSettings) ->
     assert config.overwrite is spec.overwrite
     assert str(config.load_dir) == f"/mnt/source/{spec.source.path}"
     assert str(config.save_dir) == f"/mnt/destination/{spec.destination.path}"
+    assert (str(config.load_root), str(config.save_root)) == ("/mnt/source", "/mnt/destination")
     if spec.model is not None:
         assert config.model == spec.model.to_overrides()
     assert config.vocab.true_vocab_size == spec.vocab.true_size
