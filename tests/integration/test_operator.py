@@ -308,3 +308,41 @@ def test_missing_pvc(k8s_cluster: Cluster, ms2mg_crd: str, k8s_namespace: str,
         env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/no-dest", "--timeout=90s", timeout=100)
         assert has("Accepted", "False", "SourcePVCNotFound")(env.get("no-source") or {})
         assert [j["metadata"]["labels"]["ms2mg.io/conversion"] for j in env.jobs()] == ["no-dest"]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+WALK_START, WALK_END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
+
+
+def _rows_without_age(text: str) -> list[list[str]]:
+    return [line.split()[:-1] for line in text.strip().splitlines() if not line.startswith(("$", "```"))]
+
+
+def test_readme_walkthrough(env: Env) -> None:
+    """The `kubectl get ckptconv` output shown in README.md is what this cluster prints (AGE aside).
+
+    `UPDATE_README=1 .venv/bin/pytest tests/integration/test_operator.py -k readme` rewrites the README block."""
+    import os
+
+    env.kubelet.hold_at_progress(7)
+    env.apply(conversion("llama-tiny-tp2-pp2", destination="llama-tiny/tp2-pp2", vocab={"trueSize": 997}))
+    env.kubelet.wait_held(timeout=60)
+    env.wait("llama-tiny-tp2-pp2", lambda b: b.get("status", {}).get("progress") == f"7/{SAMPLE_GROUPS}",
+             timeout=40, what="progress 7")
+    during = env.kubectl("get", "ckptconv").stdout
+    env.kubelet.release()
+    wait = env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/llama-tiny-tp2-pp2", "--timeout=120s",
+                       timeout=130).stdout
+    after = env.kubectl("get", "ckptconv").stdout
+    block = "\n".join(["```", "$ kubectl get ckptconv", during.rstrip(), "$ kubectl wait --for=condition=Succeeded "
+                       "ckptconv/llama-tiny-tp2-pp2 --timeout=2h", wait.rstrip(), "$ kubectl get ckptconv",
+                       after.rstrip(), "```"])
+    text = README.read_text()
+    start, end = text.index(WALK_START) + len(WALK_START), text.index(WALK_END)
+    if os.environ.get("UPDATE_README"):
+        README.write_text(text[:start] + "\n" + block + "\n" + text[end:])
+        text = README.read_text()
+        start, end = text.index(WALK_START) + len(WALK_START), text.index(WALK_END)
+    shown = [r for r in _rows_without_age(text[start:end]) if r and r[0] in ("NAME", "llama-tiny-tp2-pp2")]
+    got = [r for r in _rows_without_age(during + "\n" + after) if r]
+    assert shown == got, f"README.md's walkthrough output is stale; regenerate it with UPDATE_README=1 ({got})"

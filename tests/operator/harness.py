@@ -193,5 +193,5 @@ async def running_operator(emulator: km.KubernetesEmulator, settings: OperatorSe
         # A stop flag would make kopf wait 5 s for "hung" tasks, which here include kmock's own
         # watch-serving tasks (created after the operator started). Cancelling ends them at once.
         task.cancel()
-        await asyncio.wait([task], timeout=30)
+        await asyncio.wait([task], timeout=90)  # a handler thread may sit in an API call with retries
         assert task.done()
