@@ -48,7 +48,8 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> Iterator[str]:
 
 def render() -> str:
     """The reference section (between the markers, markers included)."""
-    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    crd: Any = build_crd()
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     lines = [START, "", "| field | type | required | default | description |", "|---|---|---|---|---|"]
     for part in ("spec", "status"):
         node = schema["properties"][part]
