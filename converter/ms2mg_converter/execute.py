@@ -129,10 +129,13 @@ def _write_tracker(root: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _verify(plan: Plan, root: Path) -> float:
+def _verify(plan: Plan, root: Path, files: list[WrittenFile]) -> float:
+    """Check the staged checkpoint: every tensor against the source, and every file read back from the disk
+    against the sha256 computed while it was written (which also reads ahead for the comparisons)."""
     from ms2mg_converter.verify import verify_checkpoint
 
-    report = verify_checkpoint(plan, root)
+    hashes = {f.path.relative_to(root).as_posix(): f.sha256 for f in files}
+    report = verify_checkpoint(plan, root, hashes)
     if not report.ok:
         shown = "\n  ".join(report.problems[:20])
         raise VerificationError(f"the written checkpoint does not match the source ({len(report.problems)} "
@@ -154,7 +157,7 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
         _write_tracker(staging.path)
         timings["write"] = time.perf_counter() - t0
         if plan.config.verify:
-            timings["verify"] = _verify(plan, staging.path)
+            timings["verify"] = _verify(plan, staging.path, files)
         outputs = [OutputFile(path=f.path.relative_to(staging.path).as_posix(), bytes=f.bytes, sha256=f.sha256,
                               tensor_parallel_rank=fp.tp_rank, pipeline_parallel_rank=fp.pp_rank,
                               tensors=tensor_count(plan, fp.path)) for f, fp in zip(files, plan.files, strict=True)]
