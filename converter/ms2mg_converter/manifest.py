@@ -95,7 +95,8 @@ def read_manifest(directory: Path) -> Manifest | None:
     return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 8 MiB blocks (hashlib releases the GIL while hashing them)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -128,6 +129,6 @@ def matching_checkpoint(plan: Plan) -> Manifest | None:
         return None
     for f in manifest.files:
         path = dest / f.path
-        if not path.is_file() or path.stat().st_size != f.bytes or _sha256(path) != f.sha256:
+        if not path.is_file() or path.stat().st_size != f.bytes or file_sha256(path) != f.sha256:
             return None
     return manifest

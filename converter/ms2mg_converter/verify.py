@@ -11,7 +11,6 @@ library. Memory stays at a few blocks or one fused tensor: big tensors are compa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ms2mg_converter.ckptfile import RankFile, StoredTensor, TorchName, peek
+from ms2mg_converter.manifest import file_sha256
 from ms2mg_converter.megatron_args import TorchGlobal
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.verify_data import TORCH_DTYPES, ExpectedTensors
@@ -83,14 +83,6 @@ def _torch_loads(path: Path) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_files(plan: Plan, root: Path, report: VerifyReport, hashes: dict[str, str] | None) -> None:
     expected = ExpectedTensors(plan)
     tracker = root / TRACKER
@@ -101,7 +93,7 @@ def verify_files(plan: Plan, root: Path, report: VerifyReport, hashes: dict[str,
         report.problems.append(f"rank files differ from the plan: {sorted(found ^ {fp.path for fp in plan.files})}")
     present = [fp for fp in plan.files if (root / fp.path).is_file()]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms2mg-sha256") as pool:
-        digests = {fp.path: pool.submit(_sha256, root / fp.path) for fp in present} if hashes is not None else {}
+        digests = {fp.path: pool.submit(file_sha256, root / fp.path) for fp in present} if hashes is not None else {}
         for fp in present:
             _check_file(fp, root / fp.path, plan, expected, report)
         for path, digest in digests.items():
