@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -129,12 +130,15 @@ def _verify_plan(ns: argparse.Namespace) -> tuple[Plan, dict[str, str] | None]:
 
 
 def verify(ns: argparse.Namespace) -> ConversionResult:
-    from ms2mg_converter.verify import verify_checkpoint
+    from ms2mg_converter.manifest import FileDigests
 
     if not Path(ns.save_dir).is_dir():
         raise UsageError(f"--save-dir {ns.save_dir}: no such checkpoint directory.")
     plan, hashes = _verify_plan(ns)
-    report = verify_checkpoint(plan, ns.save_dir, hashes)
+    with FileDigests(ns.save_dir, hashes) if hashes is not None else contextlib.nullcontext() as digests:
+        from ms2mg_converter.verify import verify_checkpoint  # imports torch while the files are hashed
+
+        report = verify_checkpoint(plan, ns.save_dir, digests)
     for problem in report.problems:
         print(f"MISMATCH {problem}")
     if not report.ok:

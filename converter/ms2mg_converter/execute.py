@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ms2mg_converter.confine import check_destination
 from ms2mg_converter.errors import ConversionIOError, VerificationError
-from ms2mg_converter.manifest import OutputFile, build_manifest, tensor_count, write_manifest
+from ms2mg_converter.manifest import FileDigests, OutputFile, build_manifest, tensor_count, write_manifest
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.reader import BufferPool, FiniteCheck, WriterStopped, produce
 from ms2mg_converter.staging import Staging
@@ -135,7 +135,8 @@ def _verify(plan: Plan, root: Path, files: list[WrittenFile]) -> float:
     from ms2mg_converter.verify import verify_checkpoint
 
     hashes = {f.path.relative_to(root).as_posix(): f.sha256 for f in files}
-    report = verify_checkpoint(plan, root, hashes)
+    with FileDigests(root, hashes) as digests:
+        report = verify_checkpoint(plan, root, digests)
     if not report.ok:
         shown = "\n  ".join(report.problems[:20])
         raise VerificationError(f"the written checkpoint does not match the source ({len(report.problems)} "

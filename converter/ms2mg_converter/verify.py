@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ms2mg_converter.ckptfile import RankFile, StoredTensor, TorchName, peek
-from ms2mg_converter.manifest import file_sha256
+from ms2mg_converter.manifest import FileDigests
 from ms2mg_converter.megatron_args import TorchGlobal
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.verify_data import TORCH_DTYPES, ExpectedTensors
@@ -83,7 +82,7 @@ def _torch_loads(path: Path) -> str | None:
     return None
 
 
-def verify_files(plan: Plan, root: Path, report: VerifyReport, hashes: dict[str, str] | None) -> None:
+def verify_files(plan: Plan, root: Path, report: VerifyReport, digests: FileDigests | None) -> None:
     expected = ExpectedTensors(plan)
     tracker = root / TRACKER
     if not tracker.is_file() or tracker.read_text().strip() != "1":
@@ -91,14 +90,11 @@ def verify_files(plan: Plan, root: Path, report: VerifyReport, hashes: dict[str,
     found = {p.relative_to(root).as_posix() for p in root.glob("iter_*/mp_rank_*/model_optim_rng.pt")}
     if found != {fp.path for fp in plan.files}:
         report.problems.append(f"rank files differ from the plan: {sorted(found ^ {fp.path for fp in plan.files})}")
-    present = [fp for fp in plan.files if (root / fp.path).is_file()]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms2mg-sha256") as pool:
-        digests = {fp.path: pool.submit(file_sha256, root / fp.path) for fp in present} if hashes is not None else {}
-        for fp in present:
+    for fp in plan.files:
+        if (root / fp.path).is_file():
             _check_file(fp, root / fp.path, plan, expected, report)
-        for path, digest in digests.items():
-            if hashes is not None and hashes.get(path) != digest.result():
-                report.problems.append(f"{path}: sha256 differs from the manifest (the file changed on disk)")
+    if digests is not None:
+        report.problems += digests.problems()
 
 
 def _check_file(fp: FilePlan, path: Path, plan: Plan, expected: ExpectedTensors, report: VerifyReport) -> None:
@@ -127,15 +123,16 @@ def _compare_tensors(fp: FilePlan, rf: RankFile, expected: ExpectedTensors, repo
             report.problems.append(f"{fp.path}: {entry.key}: {bad}")
 
 
-def verify_checkpoint(plan: Plan, root: Path, hashes: dict[str, str] | None = None) -> VerifyReport:
-    """Check every file under `root` against `plan` and the source; returns the findings."""
+def verify_checkpoint(plan: Plan, root: Path, digests: FileDigests | None = None) -> VerifyReport:
+    """Check every file under `root` against `plan` and the source (and against the sha256 digests, when
+    given; start them before importing this module so that the hashing overlaps with importing torch)."""
     t0 = time.perf_counter()
     report = VerifyReport()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the sha256 thread has the other core: torch's own threads would only contend
     try:
         with torch.inference_mode():
-            verify_files(plan, root, report, hashes)
+            verify_files(plan, root, report, digests)
     finally:
         torch.set_num_threads(threads)
     report.seconds = time.perf_counter() - t0
