@@ -12,8 +12,8 @@ from ms2mg_converter.manifest import FileDigests, file_sha256
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 17])
-def test_windowed_sha256_equals_hashlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    monkeypatch.setattr(manifest, "_HASH_WINDOW", 4096)  # many windows, and a short last one
+def test_blockwise_sha256_equals_hashlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    monkeypatch.setattr(manifest, "_HASH_BLOCK", 4096)  # many blocks, and a short last one
     path = tmp_path / "f.bin"
     path.write_bytes(bytes((i * 7 + 3) % 256 for i in range(size)))
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
