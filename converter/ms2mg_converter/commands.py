@@ -16,7 +16,7 @@ from ms2mg_converter.cliargs import to_config
 from ms2mg_converter.config import ConvertConfig
 from ms2mg_converter.errors import UsageError, VerificationError
 from ms2mg_converter.plan import Plan, build_plan
-from ms2mg_converter.progress import make_progress, no_progress
+from ms2mg_converter.progress import make_progress, no_progress, say
 from ms2mg_converter.report import describe_plan, plan_json
 from ms2mg_converter.result import ConversionResult
 
@@ -113,7 +113,7 @@ def _already_converted(plan: Plan, t0: float) -> ConversionResult | None:
 def inspect(ns: argparse.Namespace) -> ConversionResult:
     cfg = to_config(ns)
     plan = build_plan(cfg)
-    print(json.dumps(plan_json(plan), indent=2) if ns.json else describe_plan(plan))
+    say(json.dumps(plan_json(plan), indent=2) if ns.json else describe_plan(plan))
     return ConversionResult(status="Succeeded", reason="Inspected", converter_version=__version__,
                             padded_vocab_size=plan.arch.padded_vocab_size)
 
@@ -140,10 +140,10 @@ def verify(ns: argparse.Namespace) -> ConversionResult:
 
         report = verify_checkpoint(plan, ns.save_dir, digests)
     for problem in report.problems:
-        print(f"MISMATCH {problem}")
+        say(f"MISMATCH {problem}")
     if not report.ok:
         raise VerificationError(f"{len(report.problems)} problem(s) in {ns.save_dir} (listed above).")
-    print(f"OK: {report.files} file(s), {report.tensors} tensors ({report.bytes / 1e9:.2f} GB) match the "
+    say(f"OK: {report.files} file(s), {report.tensors} tensors ({report.bytes / 1e9:.2f} GB) match the "
           f"source in {report.seconds:.1f} s")
     return ConversionResult(status="Succeeded", reason="Verified", verified=True, files=report.files,
                             bytes=report.bytes, seconds=round(report.seconds, 3), converter_version=__version__)

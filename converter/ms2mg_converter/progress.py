@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
 
 from ms2mg_converter.result import ProgressEvent
+
+
+def say(text: str, out: TextIO | None = None) -> None:
+    """Write a line to stdout (or `out`). A reader that went away (`ms2mg verify ... | head -1`) is not an
+    error of the conversion: the rest of that stream goes to /dev/null and the work goes on."""
+    stream = out or sys.stdout
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 class JsonProgress:
@@ -16,8 +30,7 @@ class JsonProgress:
         self.out = out or sys.stdout
 
     def __call__(self, done: int, total: int, nbytes: int) -> None:
-        self.out.write(ProgressEvent(done=done, total=total, bytes=nbytes).model_dump_json() + "\n")
-        self.out.flush()
+        say(ProgressEvent(done=done, total=total, bytes=nbytes).model_dump_json(), self.out)
 
 
 class BarProgress:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,26 @@ def test_result_file_and_progress_json_on_success(sample, tmp_path):
     res = json.loads(result.read_text())
     assert res["status"] == "Succeeded" and res["exitCode"] == 0 and res["verified"] is True
     assert res["paddedVocabSize"] == 1024 and res["bytes"] > 0 and res["manifestPath"].endswith("ms2mg-manifest.json")
+
+
+def _run_with_stdout_closed(*args: str) -> int:
+    """Run the CLI with its stdout a pipe whose reader has gone (as in `ms2mg ... | head -1`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ms2mg_converter", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return proc.wait(timeout=300)
+
+
+def test_a_closed_stdout_does_not_fail_the_work(sample, tmp_path):
+    src, spec = sample
+    dst, result = tmp_path / "o", tmp_path / "result.json"
+    flags = [*sample_flags(spec), "--tp", "2", "--pp", "2", "--true-vocab-size", "1000"]
+    assert _run_with_stdout_closed("convert", "--load-dir", str(src), "--save-dir", str(dst), *flags,
+                                   "--progress", "json", "--result-file", str(result)) == 0
+    assert json.loads(result.read_text())["status"] == "Succeeded" and (dst / "ms2mg-manifest.json").is_file()
+    assert _run_with_stdout_closed("verify", "--load-dir", str(src), "--save-dir", str(dst)) == 0
+    assert _run_with_stdout_closed("inspect", "--load-dir", str(src), *flags) == 0
 
 
 @pytest.mark.parametrize(("extra", "code", "reason"), [
