@@ -1,7 +1,5 @@
 """`python -m ms2mg_converter` = `ms2mg`."""
 
-import sys
+from ms2mg_converter.cli import entry
 
-from ms2mg_converter.cli import main
-
-sys.exit(main())
+entry()

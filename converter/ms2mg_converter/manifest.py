@@ -131,6 +131,9 @@ class FileDigests:
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def done(self) -> bool:
+        return all(digest.done() for digest in self._digests.values())
+
     def problems(self) -> list[str]:
         """One line per file whose sha256 differs from the expected one (files that are missing are not
         reported here: the caller lists them)."""
