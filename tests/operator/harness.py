@@ -37,10 +37,10 @@ def matches(request: Any, action: km.action, resource: str, subresource: str | N
             and (request.subresource or None) == subresource)
 
 
-def fail_times(emulator: km.KubernetesEmulator, times: int, status: int, action: km.action, resource: str,
-               subresource: str | None = None) -> list[Any]:
-    """Answer the next `times` matching requests with `status` (kmock still applies creates/patches,
-    like a server that fails after committing). Returns the list of intercepted requests."""
+def next_matching(times: int, action: km.action, resource: str,
+                  subresource: str | None = None) -> tuple[Callable[[Any], bool], list[Any]]:
+    """A predicate true for the next `times` requests that are `action` on `resource`, and the list of the
+    requests it was true for."""
     hits: list[Any] = []
 
     def pick(request: Any) -> bool:
@@ -49,6 +49,14 @@ def fail_times(emulator: km.KubernetesEmulator, times: int, status: int, action:
         hits.append(request)
         return True
 
+    return pick, hits
+
+
+def fail_times(emulator: km.KubernetesEmulator, times: int, status: int, action: km.action, resource: str,
+               subresource: str | None = None) -> list[Any]:
+    """Answer the next `times` matching requests with `status` (kmock still applies creates/patches,
+    like a server that fails after committing). Returns the list of intercepted requests."""
+    pick, hits = next_matching(times, action, resource, subresource)
     emulator[pick] << status << {"kind": "Status", "message": f"injected {status}"}
     return hits
 
@@ -57,13 +65,10 @@ def refuse_times(emulator: km.KubernetesEmulator, times: int, status: int, actio
                  subresource: str | None = None) -> list[Any]:
     """Refuse the next `times` matching requests with `status` *without* applying them (a real 409/500).
     Needs the StampingEmulator of kmock_shim. Returns the list of refused requests."""
-    hits: list[Any] = []
+    pick, hits = next_matching(times, action, resource, subresource)
 
     def refuse(request: Any) -> int | None:
-        if len(hits) >= times or not matches(request, action, resource, subresource):
-            return None
-        hits.append(request)
-        return status
+        return status if pick(request) else None
 
     refusals = getattr(emulator, "refusals", None)
     if refusals is None:

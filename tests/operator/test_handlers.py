@@ -19,8 +19,8 @@ from tests.operator.harness import (
     condition,
     fail_times,
     has,
-    matches,
     new_client,
+    next_matching,
     refuse_times,
     running_operator,
     status_conditions,
@@ -162,14 +162,7 @@ async def test_status_patch_500s_are_retried(cluster: Cluster, fast: OperatorSet
 
 async def test_dropped_job_watch_recovers(cluster: Cluster, fast: OperatorSettings) -> None:
     await cluster.add_pvcs("mindformers", "megatron")
-    drops: list[Any] = []
-
-    def first_job_watch(request: Any) -> bool:
-        if drops or not matches(request, km.action.WATCH, "batch/v1/jobs"):
-            return False
-        drops.append(request)
-        return True
-
+    first_job_watch, drops = next_matching(1, km.action.WATCH, "batch/v1/jobs")
     cluster.kmock[first_job_watch] << b""  # the first job watch-stream ends at once
     async with running_operator(cluster.kmock, fast, poll_interval=60):
         await cluster.post(CONVERSIONS, new_body())
@@ -250,13 +243,7 @@ async def test_slow_job_create_is_adopted(cluster: Cluster, fast: OperatorSettin
     """The server commits the Job but answers after the client's timeout (5 s here): the retry gets 409 and adopts
     the Job; one Job, Accepted=True."""
     await cluster.add_pvcs("mindformers", "megatron")
-    slow: list[Any] = []
-
-    def first_create(request: Any) -> bool:
-        if slow or not matches(request, km.action.CREATE, "batch/v1/jobs"):
-            return False
-        slow.append(request)
-        return True
+    first_create, slow = next_matching(1, km.action.CREATE, "batch/v1/jobs")
 
     async def late() -> dict[str, Any]:
         await asyncio.sleep(fast.api_timeout_seconds + 2)
@@ -279,13 +266,7 @@ async def test_watch_cut_mid_event_recovers(cluster: Cluster, fast: OperatorSett
     like that). kopf 1.45 then fails on the JSON and the operator process exits; Kubernetes restarts it and
     the restart tests show that a restart loses nothing."""
     await cluster.add_pvcs("mindformers", "megatron")
-    cuts: list[Any] = []
-
-    def first_job_watch(request: Any) -> bool:
-        if cuts or not matches(request, km.action.WATCH, "batch/v1/jobs"):
-            return False
-        cuts.append(request)
-        return True
+    first_job_watch, cuts = next_matching(1, km.action.WATCH, "batch/v1/jobs")
 
     def drop_connection(request: Any) -> None:
         request._raw_request.transport.abort()  # a TCP reset: no terminating chunk
