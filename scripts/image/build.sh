@@ -30,11 +30,7 @@ read -r -a TARGETS <<<"${MS2MG_IMAGE_TARGETS:-operator converter}"
 LOGS=$CACHE/logs
 NAME="image-build"
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 mb() { awk '{printf "%.0f MB", $1/1e6}' <<<"$1"; }
 
 eval "$("$HERE/dockerd.sh" env)"

@@ -27,10 +27,7 @@ SOCK=$RUN/docker.sock
 LOG=$CACHE/logs/dockerd.log
 NAME=dockerd
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 export DOCKER_HOST=unix://$SOCK
 

@@ -22,11 +22,7 @@ SUITE=bookworm
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 NAME=make-base
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 eval "$("$HERE/dockerd.sh" env)"
 "$HERE/dockerd.sh" status || die "dockerd is not running: scripts/image/dockerd.sh start"

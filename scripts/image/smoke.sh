@@ -15,10 +15,7 @@ TAG=${MS2MG_IMAGE_TAG:-dev}
 read -r -a TARGETS <<<"${MS2MG_SMOKE_TARGETS:-converter operator}"
 NAME="image-smoke"
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 eval "$("$HERE/dockerd.sh" env)"
 "$HERE/dockerd.sh" status || die "dockerd is not running: scripts/image/dockerd.sh start"

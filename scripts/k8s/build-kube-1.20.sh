@@ -19,17 +19,7 @@ OUT=$CACHE/k8s-$K8S_VERSION
 LOGDIR=$CACHE/logs
 NAME=build-kube-1.20
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-step() { # step "description" cmd...  -- runs cmd, logs the duration
-  local desc=$1 t; shift; t=$(_us)
-  log "$desc ..."
-  "$@"
-  log "$desc: done in $(_el "$t")"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 if [[ -z ${MS2MG_REBUILD:-} && -x $OUT/kube-apiserver && -x $OUT/kube-controller-manager && -s $OUT/VERSION ]]; then
   log "cached: $OUT ($(head -1 "$OUT/VERSION")), nothing to do ($(_el "$T_START"))"

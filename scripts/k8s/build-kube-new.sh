@@ -20,17 +20,7 @@ OUT=$CACHE/k8s-new
 LOGDIR=$CACHE/logs
 NAME=build-kube-new
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-step() { # step "description" function  -- runs it, logs the duration
-  local desc=$1 t; shift; t=$(_us)
-  log "$desc ..."
-  "$@"
-  log "$desc: done in $(_el "$t")"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 if [[ -z ${MS2MG_REBUILD:-} && -x $OUT/apiextensions-apiserver && -x $OUT/etcd && -x $OUT/etcdctl && -s $OUT/VERSION ]]
 then

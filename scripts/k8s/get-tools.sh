@@ -14,11 +14,7 @@ CACHE=${MS2MG_CACHE:-/var/cache/ms2mg}
 TOOLS=$CACHE/tools
 NAME=get-tools
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[%s %s] %s\n' "$NAME" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 WORK=""
 trap '[[ -z $WORK ]] || rm -rf "$WORK"' EXIT

@@ -11,10 +11,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${MS2MG_CACHE:-/var/cache/ms2mg}
 export MS2MG_CACHE=$CACHE
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+NAME=setup
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 # runtime prerequisites of start-control-plane.sh (all in a standard Debian 12 image)
 missing=()

@@ -26,11 +26,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${MS2MG_CACHE:-/var/cache/ms2mg}
 TIMEOUT=${MS2MG_K8S_START_TIMEOUT:-90}   # seconds per component
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[k8s-start %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+NAME=k8s-start
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 NO_KCM=0 KCM_ONLY=0 WATCH_PID=""

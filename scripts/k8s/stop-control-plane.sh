@@ -14,10 +14,8 @@
 #   --purge       also delete the etcd data and kubectl cache (logs, certs and kubeconfig stay for debugging)
 set -euo pipefail
 
-_us() { local t=${EPOCHREALTIME//[.,]/}; echo $((10#$t)); }
-_el() { local d=$(( ($(_us) - $1) / 100000 )); printf '%d.%ds' $((d / 10)) $((d % 10)); }
-T_START=$(_us)
-log() { printf '[k8s-stop %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+NAME=k8s-stop
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/log.sh"
 
 ONLY="" PURGE=0
 while (($#)); do
