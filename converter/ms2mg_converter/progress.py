@@ -1,4 +1,4 @@
-"""Progress reporting: a bar on a terminal, JSON lines for the operator, or nothing."""
+"""Progress reporting (a bar on a terminal, JSON lines for the operator, or nothing) and lines on stdout."""
 
 from __future__ import annotations
 

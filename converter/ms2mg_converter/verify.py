@@ -95,6 +95,8 @@ def verify_files(plan: Plan, root: Path, report: VerifyReport, digests: FileDige
         if (root / fp.path).is_file():
             _check_file(fp, root / fp.path, plan, expected, report, threads)
     if digests is not None:
+        report.problems += [f"{fp.path}: not in the manifest, so its sha256 cannot be checked"
+                            for fp in plan.files if fp.path not in digests.expected]
         report.problems += digests.problems()
 
 

@@ -164,6 +164,20 @@ def test_verify_finds_a_flipped_byte(sample, tmp_path):
     assert "sha256 differs" in r.stdout
 
 
+def test_verify_flags_a_file_the_manifest_does_not_list(sample, tmp_path):
+    src, spec = sample
+    dst = tmp_path / "o"
+    assert run_cli("convert", "--load-dir", str(src), "--save-dir", str(dst), *sample_flags(spec), "--tp", "2",
+                   "--true-vocab-size", "1000").returncode == 0
+    manifest_path = dst / "ms2mg-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "iter_0000001/mp_rank_01/model_optim_rng.pt"]
+    manifest_path.write_text(json.dumps(manifest))
+    r = run_cli("verify", "--load-dir", str(src), "--save-dir", str(dst))
+    assert r.returncode == 5, r.stderr
+    assert "iter_0000001/mp_rank_01/model_optim_rng.pt: not in the manifest" in r.stdout
+
+
 def test_nonfinite_weights_refused_unless_allowed(tmp_path):
     spec = SampleSpec()
     tensors = mindformers_tensors(spec, logical_weights(spec))
