@@ -16,6 +16,7 @@ from tests.operator.harness import (
     CONVERSIONS,
     JOBS,
     Cluster,
+    Obj,
     condition,
     fail_times,
     has,
@@ -164,15 +165,23 @@ async def test_dropped_job_watch_recovers(cluster: Cluster, fast: OperatorSettin
     await cluster.add_pvcs("mindformers", "megatron")
     first_job_watch, drops = next_matching(1, km.action.WATCH, "batch/v1/jobs")
     cluster.kmock[first_job_watch] << b""  # the first job watch-stream ends at once
+    body = await _job_failure_arrives_by_watch(cluster, fast, timeout=20)
+    assert "too slow" in condition(body, "Failed")["message"]  # type: ignore[index]
+    assert drops
+
+
+async def _job_failure_arrives_by_watch(cluster: Cluster, fast: OperatorSettings, timeout: float) -> Obj:
+    """Create a conversion, fail its Job (DeadlineExceeded) and wait for Failed, with the operator's timer too slow
+    to notice (poll every 60 s): only the Job watch, which the caller disrupts, can bring the outcome."""
     async with running_operator(cluster.kmock, fast, poll_interval=60):
         await cluster.post(CONVERSIONS, new_body())
         await cluster.wait(has("Accepted", reason="JobCreated"))
         [job] = await cluster.wait_jobs(1)
         await cluster.set_job_status(job["metadata"]["name"], {"failed": 1, "conditions": [
             {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too slow"}]})
-        body = await cluster.wait(has("Failed", reason="DeadlineExceeded"))
-        assert "too slow" in condition(body, "Failed")["message"]  # type: ignore[index]
-    assert drops
+        body = await cluster.wait(has("Failed", reason="DeadlineExceeded"), timeout=timeout)
+        assert len(await cluster.jobs()) == 1
+    return body
 
 
 async def test_spec_change_replaces_the_job(cluster: Cluster, fast: OperatorSettings) -> None:
@@ -273,12 +282,5 @@ async def test_watch_cut_mid_event_recovers(cluster: Cluster, fast: OperatorSett
 
     cluster.kmock[first_job_watch] << (b'{"type": "ADDED", "object": {"apiVersion": "batch/v1", "kind": "Jo',
                                        drop_connection)
-    async with running_operator(cluster.kmock, fast, poll_interval=60):
-        await cluster.post(CONVERSIONS, new_body())
-        await cluster.wait(has("Accepted", reason="JobCreated"))
-        [job] = await cluster.wait_jobs(1)
-        await cluster.set_job_status(job["metadata"]["name"], {"failed": 1, "conditions": [
-            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too slow"}]})
-        await cluster.wait(has("Failed", reason="DeadlineExceeded"), timeout=30)
-        assert len(await cluster.jobs()) == 1
+    await _job_failure_arrives_by_watch(cluster, fast, timeout=30)
     assert cuts
