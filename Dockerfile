@@ -116,7 +116,7 @@ RUN /opt/tools/bin/pip --python /venv/bin/python install --no-cache-dir --no-dep
  && /opt/tools/bin/pip --python /venv/bin/python install --no-cache-dir --no-index --find-links /dist \
       "ms2mg[converter]" \
  && /opt/tools/bin/pip --python /venv/bin/python check \
- && /venv/bin/python -c "import ml_dtypes, numpy, safetensors, torch, ms2mg_converter.cli" \
+ && /venv/bin/python -c "import ml_dtypes, numpy, safetensors, torch, ms2mg_converter.cli.main" \
  && /venv/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)"
 
 # ---- converter image (the default target)

@@ -21,6 +21,7 @@ fi
 log "static checks"
 .venv/bin/ruff check .
 .venv/bin/mypy converter/ms2mg_converter operator/ms2mg_operator
+.venv/bin/lint-imports --no-cache
 
 log "tests"
 report=$(mktemp -t ms2mg-junit.XXXXXX.xml)

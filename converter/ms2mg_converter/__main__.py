@@ -1,5 +1,5 @@
 """`python -m ms2mg_converter` = `ms2mg`."""
 
-from ms2mg_converter.cli import entry
+from ms2mg_converter.cli.main import entry
 
 entry()

@@ -55,6 +55,13 @@ class PositionEmbedding(StrEnum):
     LEARNED_ABSOLUTE = "learned_absolute"
 
 
+class CkptFormat(StrEnum):
+    """Megatron-LM's on-disk checkpoint format of the output (`--ckpt-format`)."""
+
+    TORCH = "torch"
+    """The legacy per-rank format: iter_*/mp_rank_*/model_optim_rng.pt, one torch.save file per rank."""
+
+
 class TransformerImpl(StrEnum):
     LOCAL = "local"
     TRANSFORMER_ENGINE = "transformer_engine"
@@ -122,6 +129,7 @@ class ConvertConfig(BaseModel):
     vocab: VocabConfig = VocabConfig()
     layouts: LayoutConfig = LayoutConfig()
     dtype: DType = DType.BF16
+    ckpt_format: CkptFormat = CkptFormat.TORCH
     transformer_impl: TransformerImpl = TransformerImpl.LOCAL
     final_norm_extra_state: bool = True
     """Write `decoder.final_layernorm._extra_state` (None), as Megatron does when TransformerEngine is

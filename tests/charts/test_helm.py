@@ -437,7 +437,7 @@ class OperatorProcess:
         self.stop()
 
 
-#: where the tiny sample (ms2mg_converter.sample, 4 layers, GQA 8/4, SwiGLU) lies on the source volume, and what
+#: where the tiny sample (ms2mg_converter.demo.sample, 4 layers, GQA 8/4, SwiGLU) lies on the source volume, and what
 #: `ms2mg convert` cannot infer from its tensors
 SAMPLE_PATH = "models/llama-tiny"
 SAMPLE_SPEC = {"model": {"numAttentionHeads": 8, "numQueryGroups": 4}, "layouts": {"qkv": "grouped", "fc1": "gate-up"}}
@@ -570,7 +570,7 @@ def test_service_account_permissions(release: Release) -> None:
 def test_operator_with_the_chart_rbac_converts_end_to_end(release: Release, tmp_path: Path) -> None:
     """The operator, with the chart's env and its ServiceAccount's token, runs a conversion of the tiny sample to
     Succeeded; the fake kubelet (tests/k8s/kubelet.py) runs the Job's pod command locally on directory volumes."""
-    from ms2mg_converter.sample import SampleSpec, build_sample
+    from ms2mg_converter.demo.sample import SampleSpec, build_sample
 
     cluster, ns = release.cluster, release.workload
     source, destination = tmp_path / "source-volume", tmp_path / "destination-volume"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ms2mg_converter.sample import SampleSpec, fuse_qkv
+from ms2mg_converter.demo.sample import SampleSpec, fuse_qkv
 
 
 def _args(spec: SampleSpec, tp: int, pp: int, padded_vocab: int, dtype: torch.dtype) -> argparse.Namespace:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ms2mg_converter.cli import main as cli_main
-from ms2mg_converter.sample import SampleSpec, build_sample
+from ms2mg_converter.cli.main import main as cli_main
+from ms2mg_converter.demo.sample import SampleSpec, build_sample
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ms2mg_converter.sample import SampleSpec
+from ms2mg_converter.demo.sample import SampleSpec
 
 EPS = 1e-5
 ROTARY_BASE = 10000.0

@@ -2,7 +2,7 @@
 
 `merge_checkpoint` reads all rank files with `torch.load(weights_only=True)`, renumbers pipeline-local
 layers to global ones, maps TransformerEngine key names back, and merges tensor-parallel shards with
-Megatron's rules (`reference_ops.tp_merge`). `back_to_source` then applies the inverse layout operations
+Megatron's rules (`Split.merge`). `back_to_source` then applies the inverse layout operations
 so the result can be compared, bit for bit, with the source tensors cast to the output dtype.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import Fc1Layout, QkvLayout
+from ms2mg_converter.layout import GluFused, QkvFused, Split
 
 TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
             "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -76,7 +76,7 @@ def merge_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], argparse.Name
             if name == "output_layer.weight" and not args.untie_embeddings_and_output_weights:
                 name = "tied-output-copy"
             shards[name].append(value)
-    merged = {n: ref.tp_merge(s, split_kind(n) if n != "tied-output-copy" else "vocab", args.swiglu)
+    merged = {n: Split(split_kind(n) if n != "tied-output-copy" else "vocab").merge(s, args.swiglu)
               for n, s in shards.items()}
     if "tied-output-copy" in merged:
         assert torch.equal(merged.pop("tied-output-copy"), merged["embedding.word_embeddings.weight"])
@@ -90,9 +90,9 @@ def back_to_source(merged: dict[str, torch.Tensor], args: argparse.Namespace, qk
     out = {}
     for name, t in merged.items():
         if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-            t = ref.qkv_from_grouped(t, nh, ng, d, qkv_layout)
+            (t,) = QkvFused(nh, ng, d, qkv_layout).invert(t)
         elif name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and args.swiglu:
-            t = ref.glu_from_gate_up(t, fc1_layout)
+            (t,) = GluFused(t.shape[0] // 2, fc1_layout).invert(t)
         elif name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             t = t[: min(source_vocab_rows, t.shape[0])]
         out[name] = t

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ms2mg_converter.ckptfile import peek
-from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
+from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
+from ms2mg_converter.verify.ckptfile import peek
 from tests.converter.conftest import run_cli, sample_flags
 
 

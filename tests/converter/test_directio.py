@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ms2mg_converter.directio import BLOCK, BUFFER_BYTES, BufferedFile, DirectFile, open_output
+from ms2mg_converter.write.directio import BLOCK, BUFFER_BYTES, BufferedFile, DirectFile, open_output
 from tests.converter.conftest import sample_flags
 
 ROOT = os.geteuid() == 0

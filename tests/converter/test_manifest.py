@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ms2mg_converter import manifest
-from ms2mg_converter.manifest import FileDigests, file_sha256
+from ms2mg_converter.write import manifest
+from ms2mg_converter.write.manifest import FileDigests, file_sha256
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 17])

@@ -1,6 +1,6 @@
 """The converted checkpoint is what Megatron really loads and computes (issue 2, "Proof").
 
-Sample MindFormers checkpoints (`ms2mg_converter.sample`) are converted with the real command line
+Sample MindFormers checkpoints (`ms2mg_converter.demo.sample`) are converted with the real command line
 (`ms2mg convert`, a subprocess), then consumed by megatron-core 0.16.1 on CPU (`megatron_consumer`):
 
 * every rank file of TP∈{1,2,4} × PP∈{1,2,4} loads `strict=True` into the GPTModel of its rank;
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ms2mg_converter.sample import SampleSpec, build_sample, logical_weights
+from ms2mg_converter.demo.sample import SampleSpec, build_sample, logical_weights
 
 if __package__:
     from . import _mini_sharder

@@ -1,5 +1,5 @@
-"""Every layout operation: the row map the converter executes equals the torch statement of the same
-transform (reference_ops), and every torch transform has an inverse that gives the input back exactly."""
+"""Every layout operation: the row map the converter executes (`runs`) equals the torch statement of the
+same transform (`apply`), and every operation's `invert` gives its inputs back exactly."""
 
 from __future__ import annotations
 
@@ -8,14 +8,25 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ms2mg_converter import ops
-from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import Fc1Layout, PadFill, QkvLayout
+from ms2mg_converter.layout import (
+    Copy,
+    GluFused,
+    GluSplit,
+    LayoutOp,
+    QkvFused,
+    QkvSplit,
+    Run,
+    Split,
+    VocabResize,
+    covered,
+    select,
+)
 
 
-def apply_runs(runs: list[ops.Run], inputs: list[torch.Tensor]) -> torch.Tensor:
-    """Execute a row map with plain torch indexing (what reader.produce does with numpy)."""
-    rows = ops.covered(runs)
+def apply_runs(runs: list[Run], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Execute a row map with plain torch indexing (what stream.reader.produce does with numpy)."""
+    rows = covered(runs)
     out = torch.empty((rows, *inputs[0].shape[1:]), dtype=inputs[0].dtype)
     for r in runs:
         if r.src is None:
@@ -27,21 +38,37 @@ def apply_runs(runs: list[ops.Run], inputs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def check_op(op: LayoutOp, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """runs == apply (also into a given `out`), and invert(apply(x)) == x."""
+    full = op.apply(inputs)
+    assert torch.equal(apply_runs(op.runs(), inputs), full)
+    out = torch.empty_like(full)
+    assert torch.equal(op.apply(inputs, out=out), full)
+    back = op.invert(full)
+    assert len(back) == len(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(back, inputs, strict=True))
+    return full
+
+
 def heads_groups():
     return st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 5)).map(
         lambda t: (t[0] * t[1], t[1], t[2]))  # (heads, groups, head_dim), heads divisible by groups
+
+
+def grouped_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Megatron's grouped order, spelled out: per group its q heads, its k head, its v head."""
+    qs, ks, vs = q.chunk(groups), k.chunk(groups), v.chunk(groups)
+    return torch.cat([torch.cat((qs[g], ks[g], vs[g])) for g in range(groups)])
 
 
 @settings(max_examples=60, deadline=None)
 @given(hg=heads_groups(), layout=st.sampled_from(list(QkvLayout)), cols=st.integers(0, 3))
 def test_qkv_fused_row_map_matches_torch_and_inverts(hg, layout, cols):
     heads, groups, d = hg
-    shape = ((heads + 2 * groups) * d, *([cols] if cols else []))
-    x = torch.randn(shape)
-    runs = ops.qkv_fused(heads, groups, d, layout)
-    grouped = ref.qkv_to_grouped(x, heads, groups, d, layout)
-    assert torch.equal(apply_runs(runs, [x]), grouped)
-    assert torch.equal(ref.qkv_from_grouped(grouped, heads, groups, d, layout), x)
+    q, k, v = (torch.randn((n * d, *([cols] if cols else []))) for n in (heads, groups, groups))
+    megatron = grouped_by_hand(q, k, v, groups)
+    source = megatron if layout is QkvLayout.GROUPED else torch.cat((q, k, v))
+    assert torch.equal(check_op(QkvFused(heads, groups, d, layout), [source]), megatron)
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,27 +76,36 @@ def test_qkv_fused_row_map_matches_torch_and_inverts(hg, layout, cols):
 def test_qkv_split_row_map_matches_torch_and_inverts(hg, cols):
     heads, groups, d = hg
     q, k, v = torch.randn(heads * d, cols), torch.randn(groups * d, cols), torch.randn(groups * d, cols)
-    grouped = ref.qkv_split_to_grouped(q, k, v, groups)
-    assert torch.equal(apply_runs(ops.qkv_split(heads, groups, d), [q, k, v]), grouped)
-    back = ref.qkv_grouped_to_split(grouped, heads, groups, d)
-    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True))
+    assert torch.equal(check_op(QkvSplit(heads, groups, d), [q, k, v]), grouped_by_hand(q, k, v, groups))
 
 
 @settings(max_examples=40, deadline=None)
 @given(ffn=st.integers(1, 40), layout=st.sampled_from(list(Fc1Layout)), cols=st.integers(0, 3))
 def test_glu_row_maps_match_torch_and_invert(ffn, layout, cols):
-    x = torch.randn((2 * ffn, *([cols] if cols else [])))
-    gate_up = ref.glu_to_gate_up(x, layout)
-    assert torch.equal(apply_runs(ops.glu_fused(ffn, layout), [x]), gate_up)
-    assert torch.equal(ref.glu_from_gate_up(gate_up, layout), x)
-    g, u = x[:ffn], x[ffn:]
-    assert torch.equal(apply_runs(ops.glu_split(ffn), [g, u]), torch.cat((g, u)))
+    gate, up = (torch.randn((ffn, *([cols] if cols else []))) for _ in range(2))
+    stacked = torch.stack((gate, up), 1).reshape(2 * ffn, *gate.shape[1:])
+    source = torch.cat((gate, up)) if layout is Fc1Layout.GATE_UP else stacked
+    assert torch.equal(check_op(GluFused(ffn, layout), [source]), torch.cat((gate, up)))
+    assert torch.equal(check_op(GluSplit(ffn), [gate, up]), torch.cat((gate, up)))
+
+
+def test_copy_is_the_identity():
+    x = torch.randn(5, 3)
+    assert torch.equal(check_op(Copy(5), [x]), x)
 
 
 def test_interleaved_fc1_really_alternates():
     gate, up = torch.arange(3.0) * 10, torch.arange(3.0) * 10 + 1
     interleaved = torch.stack((gate, up), 1).reshape(-1)  # g0 u0 g1 u1 g2 u2
-    assert torch.equal(apply_runs(ops.glu_fused(3, Fc1Layout.INTERLEAVED), [interleaved]), torch.cat((gate, up)))
+    got = apply_runs(GluFused(3, Fc1Layout.INTERLEAVED).runs(), [interleaved])
+    assert torch.equal(got, torch.cat((gate, up)))
+
+
+def megatron_pad_weight(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """Megatron's saver: keep rows up to the padded size, repeat the last row when growing."""
+    if x.shape[0] >= padded:
+        return x[:padded]
+    return torch.cat((x, x[-1:].expand(padded - x.shape[0], *x.shape[1:])))
 
 
 @settings(max_examples=80, deadline=None)
@@ -79,8 +115,15 @@ def test_vocab_row_map_matches_megatron_pad_weight(rows, true, padded, fill):
     true = min(true, rows)
     padded = max(padded, true)
     x = torch.randn(rows, 3)
-    got = apply_runs(ops.vocab(rows, true, padded, fill), [x])
-    assert torch.equal(got, ref.vocab_pad(x, true, padded, zero_fill=fill is PadFill.ZERO))
+    op = VocabResize(rows, true, padded, fill)
+    if fill is PadFill.ZERO:
+        expected = torch.cat((x[:true], torch.zeros(padded - true, 3)))
+    else:
+        expected = megatron_pad_weight(x, padded)
+    got = op.apply([x])
+    assert torch.equal(got, expected)
+    assert torch.equal(apply_runs(op.runs(), [x]), expected)
+    assert torch.equal(op.invert(got)[0], x[: op.kept])
 
 
 @settings(max_examples=60, deadline=None)
@@ -88,35 +131,39 @@ def test_vocab_row_map_matches_megatron_pad_weight(rows, true, padded, fill):
 def test_select_is_a_tp_slice_of_the_full_map(hg, tp, cols):
     heads, groups, d = hg
     x = torch.randn((heads + 2 * groups) * d, cols)
-    runs = ops.qkv_fused(heads, groups, d, QkvLayout.CONTIGUOUS)
+    runs = QkvFused(heads, groups, d, QkvLayout.CONTIGUOUS).runs()
     full = apply_runs(runs, [x])
     if groups % tp:
         return
     per = full.shape[0] // tp
     for r in range(tp):
-        assert torch.equal(apply_runs(ops.select(runs, r * per, (r + 1) * per), [x]), full[r * per:(r + 1) * per])
+        assert torch.equal(apply_runs(select(runs, r * per, (r + 1) * per), [x]), full[r * per:(r + 1) * per])
 
 
-@pytest.mark.parametrize("kind", ["vocab", "column", "glu", "row", "replicated"])
+@pytest.mark.parametrize("kind", list(Split))
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("swiglu", [True, False])
-def test_tp_split_then_merge_is_identity(kind, tp, swiglu):
+def test_tp_split_then_merge_is_identity_and_matches_the_row_ranges(kind, tp, swiglu):
     x = torch.randn(16, 8)
-    shards = ref.tp_split(x, kind, tp, swiglu)
+    shards = kind.shards(x, tp, swiglu)
     assert len(shards) == tp
-    assert torch.equal(ref.tp_merge(shards, kind, swiglu), x)
+    assert torch.equal(kind.merge(shards, swiglu), x)
+    for r, shard in enumerate(shards):
+        rows = torch.cat([x[a:b] for a, b in kind.row_ranges(16, tp, r, swiglu)])
+        c = kind.col_range(8, tp, r)
+        assert torch.equal(shard, rows if c is None else rows[:, c[0]:c[1]])
 
 
 def test_glu_tp_split_gives_gate_and_up_halves_per_rank():
     gate, up = torch.arange(4.0), torch.arange(4.0) + 100
-    shards = ref.tp_split(torch.cat((gate, up)), "glu", 2, swiglu=True)
+    shards = Split.GLU.shards(torch.cat((gate, up)), 2, swiglu=True)
     assert torch.equal(shards[0], torch.tensor([0.0, 1, 100, 101]))
     assert torch.equal(shards[1], torch.tensor([2.0, 3, 102, 103]))
 
 
 def test_covered_rejects_gaps():
     with pytest.raises(ValueError, match="gap"):
-        ops.covered([ops.Run(0, 2, 0, 0), ops.Run(3, 1, 0, 2)])
+        covered([Run(0, 2, 0, 0), Run(3, 1, 0, 2)])
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
@@ -124,7 +171,7 @@ def test_finite_check_catches_every_nonfinite_pattern(dtype):
     import numpy as np
 
     from ms2mg_converter.config import DType
-    from ms2mg_converter.reader import OUT_DTYPES, FiniteCheck
+    from ms2mg_converter.stream.reader import OUT_DTYPES, FiniteCheck
 
     check = FiniteCheck(DType(dtype))
     finite = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 1e-8, -1e-8], dtype=np.float32)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ms2mg_converter.config import ConvertConfig, LayoutConfig, ModelOverrides, VocabConfig
+from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
 from ms2mg_converter.errors import (
     MissingKeyError,
     ParallelismError,
@@ -20,7 +21,6 @@ from ms2mg_converter.errors import (
     UsageError,
 )
 from ms2mg_converter.plan import ExtraEntry, TensorEntry, build_plan
-from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
 
 HEADS = ModelOverrides(num_attention_heads=8, num_query_groups=4)
 LAYOUTS = LayoutConfig(qkv="grouped", fc1="gate-up")

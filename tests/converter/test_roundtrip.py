@@ -16,7 +16,7 @@ import torch
 
 from ms2mg_converter import checks
 from ms2mg_converter.config import Fc1Layout, QkvLayout
-from ms2mg_converter.sample import SampleSpec, mindformers_tensors
+from ms2mg_converter.demo.sample import SampleSpec, mindformers_tensors
 from tests.converter.conftest import sample_flags
 from tests.converter.roundtrip import back_to_source, merge_checkpoint
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ms2mg_converter.sample import SampleSpec, build_sample, logical_weights, mindformers_tensors
+from ms2mg_converter.demo.sample import SampleSpec, build_sample, logical_weights, mindformers_tensors
 
 
 def _read_dir(d: Path) -> dict[str, torch.Tensor]:

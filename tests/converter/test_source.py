@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ms2mg_converter.errors import SourceError
-from ms2mg_converter.source import open_source, read_file
+from ms2mg_converter.source.index import open_source, read_file
 
 
 def write_raw(path: Path, header: dict[str, object], data: bytes) -> Path:

@@ -14,37 +14,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ms2mg_converter import reference_ops as ref
 from ms2mg_converter.config import ConvertConfig, LayoutConfig, ModelOverrides, VocabConfig
-from ms2mg_converter.plan import ExtraEntry, build_plan
-from ms2mg_converter.target import split_of
+from ms2mg_converter.plan import ExtraEntry, build_plan, layout_op
+from ms2mg_converter.plan.target import split_of
+from ms2mg_converter.source import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def in_memory_rank_files(cfg: ConvertConfig, out: Path) -> None:
-    """The non-streaming path: whole tensors in memory, reference ops, torch.save per rank."""
+    """The non-streaming path: whole tensors in memory, the ops' torch `apply`, torch.save per rank."""
     plan = build_plan(cfg)
     a = plan.arch
     src = load_file(str(next(cfg.load_dir.glob("*.safetensors"))))
     tp = cfg.tensor_parallel
+    by_name = {lg.name: lg for lg in resolve(plan.source, cfg.ignore_keys).logical.values()}
     for fp in plan.files:
         model: OrderedDict[str, torch.Tensor | None] = OrderedDict()
         for e in fp.entries():
             if isinstance(e, ExtraEntry):
                 model[e.key] = None
                 continue
-            name = e.source
-            t = src[name]
-            if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-                t = ref.qkv_to_grouped(t, a.num_attention_heads, a.num_query_groups, a.kv_channels, a.qkv_layout)
-            elif name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
-                t = ref.glu_to_gate_up(t, a.fc1_layout)
-            elif name == "embedding.word_embeddings.weight":
-                t = ref.vocab_pad(t, a.true_vocab_size or t.shape[0], a.padded_vocab_size, zero_fill=False)
-            kind = "vocab" if name == "embedding.word_embeddings.weight" else split_of(
-                name.replace(f".{name.split('.')[2]}.", ".{layer}.", 1) if name.startswith("decoder.layers.") else name)
-            model[e.key] = ref.tp_split(t.to(torch.bfloat16), str(kind), tp, a.swiglu)[fp.tp_rank].clone()
+            logical = by_name[e.source]
+            full = layout_op(logical, a, cfg).apply([src[i.name] for i in logical.inputs])
+            kind = split_of(logical.target)
+            model[e.key] = kind.shards(full.to(torch.bfloat16), tp, a.swiglu)[fp.tp_rank].clone()
         path = out / fp.path
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"args": argparse.Namespace(**{k: v for k, v in plan.args.items() if k != "params_dtype"}),

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ms2mg_converter import zipwriter
-from ms2mg_converter.ckptfile import peek
 from ms2mg_converter.config import DType
-from ms2mg_converter.megatron_args import TorchGlobal
-from ms2mg_converter.torchpickle import TensorRef, dumps
+from ms2mg_converter.model.megatron_args import TorchGlobal
+from ms2mg_converter.verify.ckptfile import peek
+from ms2mg_converter.write import zipwriter
+from ms2mg_converter.write.torchpickle import TensorRef, dumps
 
 ARRAYS = {
     "w": np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16),

@@ -2,7 +2,8 @@
 
 * the CRD (``crds/checkpointconversions.ms2mg.io.yaml``) installed once per session, kube-controller-manager restarted
   so that its garbage collector knows the kind at once;
-* a tiny MindFormers sample (``ms2mg_converter.sample``) on a "source volume" directory, and the spec values it needs;
+* a tiny MindFormers sample (``ms2mg_converter.demo.sample``) on a "source volume" directory and the spec values
+  it needs;
 * :class:`OperatorProcess`: ``python -m ms2mg_operator`` as a separate process (its env settings, a kubeconfig, a log
   file), started/stopped/SIGKILLed by the test, with its peak RSS (``VmHWM``);
 * the operator's RBAC: the Helm chart's (``charts/ms2mg``, rendered with ``helm template``) when the chart has RBAC
@@ -64,7 +65,7 @@ def ms2mg_crd(k8s_cluster: Cluster) -> str:
 @pytest.fixture(scope="session")
 def sample_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A source-volume directory holding the tiny sample at SAMPLE_PATH (4 layers, hidden 64, GQA 8/4, SwiGLU)."""
-    from ms2mg_converter.sample import SampleSpec, build_sample
+    from ms2mg_converter.demo.sample import SampleSpec, build_sample
 
     root = tmp_path_factory.mktemp("source-volume")
     build_sample(SampleSpec(), root / SAMPLE_PATH)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ms2mg_converter.cli import _parser as converter_parser
-from ms2mg_converter.cliargs import to_config
+from ms2mg_converter.cli.args import to_config
+from ms2mg_converter.cli.main import _parser as converter_parser
 from ms2mg_converter.errors import DETERMINISTIC_EXIT_CODES
 from ms2mg_operator.api.v1alpha1 import CheckpointConversion, ObjectMeta
 from ms2mg_operator.config import OperatorSettings

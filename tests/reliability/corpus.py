@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
+from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
 
 NOBODY = 65534
 FILE = "model.safetensors"
@@ -705,7 +705,7 @@ def command_for(case: Case, ctx: Ctx, flags: list[str]) -> list[str]:
     args = ["convert", "--load-dir", str(ctx.load), "--save-dir", str(ctx.dst), "--result-file", str(ctx.result),
             "--progress", progress, *flags]
     if case.inject:
-        code = case.inject + "\nimport sys\nfrom ms2mg_converter.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        code = case.inject + "\nimport sys\nfrom ms2mg_converter.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
         cmd = [sys.executable, "-c", code, *args]
     else:
         cmd = [sys.executable, "-m", "ms2mg_converter", *args]

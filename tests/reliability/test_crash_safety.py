@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from ms2mg_converter.sample import SampleSpec, build_sample
+from ms2mg_converter.demo.sample import SampleSpec, build_sample
 from tests.reliability.conftest import record
 from tests.reliability.corpus import flags_for, world_dir
 
@@ -57,7 +57,7 @@ class Sample:
 def convert_cmd(s: Sample, dst: Path, *extra: str, inject: str = "") -> list[str]:
     args = ["convert", "--load-dir", str(s.src), "--save-dir", str(dst), *s.flags, "--progress", "none", *extra]
     if inject:
-        code = inject + "\nimport sys\nfrom ms2mg_converter.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        code = inject + "\nimport sys\nfrom ms2mg_converter.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
         return [sys.executable, "-c", code, *args]
     return [sys.executable, "-m", "ms2mg_converter", *args]
 
@@ -218,7 +218,7 @@ def test_sigkill_by_bytes_written(medium: Sample, overwrite: bool, io: str, tmp_
 
 INJECT = """
 import os, shutil, signal
-from ms2mg_converter import staging as st
+from ms2mg_converter.write import staging as st
 AT, WHEN, FALLBACK = {at}, {when!r}, {fallback}
 events = []
 def wrap(owner, name, label):
@@ -302,7 +302,7 @@ def test_sigkill_during_commit(small: Sample, mode: str, at: int, when: str) -> 
 
 SIGTERM_IN_COMMIT = """
 import os, signal
-from ms2mg_converter import staging as st
+from ms2mg_converter.write import staging as st
 _fsync_tree = st._fsync_tree
 def fsync_tree(path):
     os.kill(os.getpid(), signal.SIGTERM)  # as kubelet would, while the commit runs
@@ -323,7 +323,7 @@ def test_sigterm_during_commit_finishes_the_commit(small: Sample) -> None:
 
 SLOW_COMMIT = """
 import time
-from ms2mg_converter import staging as st
+from ms2mg_converter.write import staging as st
 _fsync_tree = st._fsync_tree
 def fsync_tree(path):
     time.sleep(4)  # hold the commit open (lock held, staging directory complete)

@@ -33,7 +33,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from ms2mg_converter import ops
 from ms2mg_converter.config import (
     ConvertConfig,
     Fc1Layout,
@@ -43,10 +42,11 @@ from ms2mg_converter.config import (
     TransformerImpl,
     VocabConfig,
 )
+from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
 from ms2mg_converter.errors import ParallelismError, SourceError
+from ms2mg_converter.layout import covered
 from ms2mg_converter.plan import TensorEntry, build_plan
-from ms2mg_converter.sample import SampleSpec, logical_weights, mindformers_tensors
-from ms2mg_converter.source import DTYPE_SIZES, SourceFile, SourceIndex, TensorInfo, read_file
+from ms2mg_converter.source.index import DTYPE_SIZES, SourceFile, SourceIndex, TensorInfo, read_file
 
 _DIR = Path(tempfile.mkdtemp(prefix="ms2mg-properties-"))
 atexit.register(shutil.rmtree, _DIR, True)
@@ -300,7 +300,7 @@ def test_plan_splits_correctly_or_names_the_divisibility_problem(m: dict[str, An
             assert fp.tp_rank not in shards[key], key
             shards[key][fp.tp_rank] = e.shape
             assert e.nbytes == math.prod(e.shape) * 2  # bf16
-            assert ops.covered(list(e.runs)) == e.shape[0]
+            assert covered(list(e.runs)) == e.shape[0]
             for run in e.runs:  # every row read lies inside its source tensor
                 if run.src is not None:
                     assert run.start >= 0 and run.start + (run.count - 1) * run.step < e.inputs[run.src].rows

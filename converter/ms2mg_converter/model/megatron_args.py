@@ -1,0 +1,77 @@
+"""The `args` namespace stored in every rank file.
+
+Megatron's `load_args_from_checkpoint` / `check_checkpoint_args` and its checkpoint tools read these
+(target-format.md §3.1, §6 and the appendix). The reference pipeline leaves out `group_query_attention`,
+`untie_embeddings_and_output_weights`, `add_qkv_bias` and `kv_channels`, which silently turns GQA into
+MHA, unties nothing and loses Qwen2-style biases; every one of them is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ms2mg_converter.config import ConvertConfig, DType
+from ms2mg_converter.model.arch import Architecture
+
+
+@dataclass(frozen=True)
+class TorchGlobal:
+    """A module attribute of torch pickled by reference (e.g. `torch.bfloat16`) without importing torch."""
+
+    module: str
+    name: str
+
+
+TORCH_DTYPES = {DType.BF16: "bfloat16", DType.FP16: "float16", DType.FP32: "float32"}
+
+
+def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
+    """Field name -> plain value (or `TorchGlobal`), in a stable order."""
+    rope = arch.position_embedding_type == "rope"
+    return {
+        "num_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_query_groups": arch.num_query_groups,
+        "group_query_attention": arch.num_query_groups != arch.num_attention_heads,
+        "kv_channels": arch.kv_channels,
+        "seq_length": arch.seq_length,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "position_embedding_type": str(arch.position_embedding_type),
+        "add_position_embedding": True,
+        "use_rotary_position_embeddings": rope,
+        "rotary_base": int(arch.rotary_base) if arch.rotary_base.is_integer() else arch.rotary_base,
+        "rotary_percent": arch.rotary_percent,
+        "rotary_interleaved": False,
+        "normalization": str(arch.normalization),
+        "norm_epsilon": arch.norm_epsilon,
+        "apply_layernorm_1p": False,
+        "swiglu": arch.swiglu,
+        "squared_relu": False,
+        "add_bias_linear": arch.add_bias_linear,
+        "add_qkv_bias": arch.add_qkv_bias or arch.add_bias_linear,
+        "qk_layernorm": arch.qk_layernorm,
+        "untie_embeddings_and_output_weights": arch.untie_embeddings_and_output_weights,
+        "padded_vocab_size": arch.padded_vocab_size,
+        "make_vocab_size_divisible_by": cfg.vocab.make_vocab_size_divisible_by,
+        "vocab_size": arch.true_vocab_size,
+        "tokenizer_type": cfg.tokenizer_type,
+        "tensor_model_parallel_size": cfg.tensor_parallel,
+        "pipeline_model_parallel_size": cfg.pipeline_parallel,
+        "virtual_pipeline_model_parallel_size": None,
+        "num_layers_per_virtual_pipeline_stage": None,
+        "expert_model_parallel_size": 1,
+        "num_experts": None,
+        "sequence_parallel": False,
+        "apply_query_key_layer_scaling": False,
+        "fp16": cfg.dtype is DType.FP16,
+        "bf16": cfg.dtype is DType.BF16,
+        "params_dtype": TorchGlobal("torch", TORCH_DTYPES[cfg.dtype]),
+        "transformer_impl": str(cfg.transformer_impl),
+        "ckpt_format": "torch",
+        "use_legacy_models": False,
+        "iteration": 1,
+        "consumed_train_samples": 0,
+        "consumed_valid_samples": 0,
+    }

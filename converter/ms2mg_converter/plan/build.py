@@ -1,0 +1,109 @@
+"""Building the plan: headers -> source view -> architecture -> every rank file's entries (pure, no torch)."""
+
+from __future__ import annotations
+
+import math
+
+from ms2mg_converter.checks import parallelism_problems
+from ms2mg_converter.config import ConvertConfig, ModelOverrides
+from ms2mg_converter.errors import MissingKeyError, ParallelismError
+from ms2mg_converter.layout import LayoutOp, Run, Split, VocabResize, concat, covered, select
+from ms2mg_converter.model.arch import Architecture, infer_architecture
+from ms2mg_converter.model.megatron_args import megatron_args
+from ms2mg_converter.names import fill
+from ms2mg_converter.plan.entries import (
+    CHECKPOINT_FILE,
+    ITERATION_DIR,
+    Entry,
+    ExtraEntry,
+    FilePlan,
+    Group,
+    Plan,
+    Read,
+    TensorEntry,
+)
+from ms2mg_converter.plan.target import Slot, rank_dir, rank_slots, split_of
+from ms2mg_converter.source.index import SourceIndex, open_source
+from ms2mg_converter.source.resolve import Logical, SourceView, resolve
+
+
+def layout_op(logical: Logical, arch: Architecture, cfg: ConvertConfig) -> LayoutOp:
+    """The operation that builds this Megatron tensor, bound to the model (vocabulary tables: resized)."""
+    shapes = [i.shape for i in logical.inputs]
+    op = logical.recipe.op.bind(arch, shapes)
+    if split_of(logical.target) is Split.VOCAB and op.rebuild_whole is False:
+        rows = shapes[0][0]
+        return VocabResize(rows, arch.true_vocab_size or rows, arch.padded_vocab_size, cfg.vocab.pad_fill)
+    return op
+
+
+def _rank_runs(runs: list[Run], split: Split, arch: Architecture, tp: int, r: int) -> tuple[list[Run], int]:
+    ranges = split.row_ranges(covered(runs), tp, r, arch.swiglu)
+    return concat(*(select(runs, a, b) for a, b in ranges)), sum(b - a for a, b in ranges)
+
+
+def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertConfig, int]) -> TensorEntry:
+    arch, cfg, r = plan_ctx
+    assert slot.template is not None
+    split = split_of(slot.template)
+    rest = logical.inputs[0].shape[1:]
+    cols = math.prod(rest)
+    runs, rows = _rank_runs(layout_op(logical, arch, cfg).runs(), split, arch, cfg.tensor_parallel, r)
+    col_range = split.col_range(rest[0], cfg.tensor_parallel, r) if rest else None
+    shape = (rows, *rest) if col_range is None else (rows, col_range[1] - col_range[0])
+    inputs = tuple(Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], cols) for i in logical.inputs)
+    return TensorEntry(slot.key, logical.name, shape, cfg.dtype, inputs, tuple(runs), col_range)
+
+
+def _group_label(slot: Slot) -> str:
+    if slot.key.startswith("decoder.layers."):
+        return "layer " + slot.key.split(".")[2]
+    return "embedding" if slot.key.startswith("embedding.") else "final"
+
+
+def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int) -> FilePlan:
+    groups: list[Group] = []
+    current: list[Entry] = []
+    label = ""
+    for slot in rank_slots(arch, cfg.transformer_impl, cfg.pipeline_parallel, p, cfg.final_norm_extra_state):
+        here = _group_label(slot)
+        if current and here != label:
+            groups.append(Group(label, tuple(current)))
+            current = []
+        label = here
+        if slot.template is None:
+            current.append(ExtraEntry(slot.key))
+            continue
+        logical = view.get(slot.template, slot.layer)
+        if logical is None:
+            raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which rank file "
+                                  f"{rank_dir(t, p, cfg.pipeline_parallel)} needs for {slot.key}.")
+        current.append(_entry(slot, logical, (arch, cfg, t)))
+    if current:
+        groups.append(Group(label, tuple(current)))
+    path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel)}/{CHECKPOINT_FILE}"
+    return FilePlan(path, t, p, tuple(groups))
+
+
+def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
+    values = ModelOverrides(num_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
+                            num_query_groups=arch.num_query_groups, ffn_hidden_size=arch.ffn_hidden_size)
+    problems = parallelism_problems(values, cfg.tensor_parallel, cfg.pipeline_parallel)
+    if arch.padded_vocab_size % cfg.tensor_parallel:
+        problems.append(f"the padded vocabulary ({arch.padded_vocab_size}) is not divisible by tensor "
+                        f"parallel size ({cfg.tensor_parallel})")
+    if problems:
+        raise ParallelismError(f"cannot split this model TP={cfg.tensor_parallel} x PP="
+                               f"{cfg.pipeline_parallel}: " + "; ".join(problems) + ". Choose sizes that "
+                               "divide these numbers.")
+
+
+def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
+    """Read headers, infer and check the architecture, and lay out every output file."""
+    index = source or open_source(cfg.load_dir, cfg.load_root)
+    view = resolve(index, cfg.ignore_keys)
+    arch = infer_architecture(view, cfg)
+    check_parallelism(arch, cfg)
+    files = tuple(_file_plan(view, arch, cfg, t, p)
+                  for p in range(cfg.pipeline_parallel) for t in range(cfg.tensor_parallel))
+    return Plan(cfg, arch, megatron_args(arch, cfg), files, view.dropped, view.ignored, index)

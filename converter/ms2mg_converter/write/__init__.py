@@ -1,0 +1,17 @@
+"""Write: the output formats (a `Writer` per `--ckpt-format`), and what every format shares.
+
+* `base`: the `Writer` interface and its registry (`writer_for`);
+* `torch_legacy`: Megatron's per-rank `torch` format (`TorchWriter`), streamed without torch through
+  `torchpickle` (the pickle), `zipwriter` (torch's zip container), `filewriter` (writer/hasher threads)
+  and `directio` (O_DIRECT output);
+* `staging`: the staging directory, its lock and the atomic commit;
+* `manifest`: `ms2mg-manifest.json` and sha256 helpers.
+
+Public names: `Writer`, `writer_for`, `register`, `WrittenFile`, `ProgressFn`.
+"""
+
+from ms2mg_converter.write import torch_legacy  # noqa: F401 - registers the torch writer
+from ms2mg_converter.write.base import ProgressFn, Writer, register, writer_for
+from ms2mg_converter.write.filewriter import WrittenFile
+
+__all__ = ["ProgressFn", "Writer", "WrittenFile", "register", "writer_for"]
