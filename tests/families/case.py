@@ -26,8 +26,9 @@ class Case:
     dropped: frozenset[str] = frozenset()
     """Optimizer and bookkeeping keys in the source: dropped and listed, never converted."""
 
-    def cli(self) -> list[str]:
+    def cli(self, with_flags: bool = True) -> list[str]:
+        """`--load-dir`, `--true-vocab-size`, `--config` and (unless `with_flags` is False) the layout flags."""
         out = ["--load-dir", str(self.load_dir), "--true-vocab-size", str(self.truth.dims.vocab)]
         if self.config is not None:
             out += ["--config", str(self.config)]
-        return [*out, *self.flags]
+        return [*out, *self.flags] if with_flags else out
