@@ -14,9 +14,10 @@ Two row orders:
   row at a time (convert_utils.py `ffn_concat_hf2mg`, read back with reshape (bs, seq, hidden_dim, 2)).
   Both are TP-invariant.
 Stored bf16 (convert_weight.py defaults `--dtype bf16`). YAML follows research/qwen2_5/
-finetune_qwen2_5_7b_8k.yaml (268b63fad89e) with `qkv_concat: True` as the issue's finetune YAMLs: LlamaConfig,
-`num_heads`, `n_kv_heads`, `qkv_has_bias: True`, `rms_norm_eps: 1.0e-6`, `theta: 1000000.0`,
-`max_position_embedding: 131072`, `rotary_emb_base: 1000000`. The YAML cannot tell r1.3 from r1.4.
+finetune_qwen2_5_7b_8k.yaml (268b63fad89e: LlamaConfig, `num_heads`, `n_kv_heads`, `qkv_has_bias: True`,
+`rms_norm_eps: 1.0e-6`, `theta: 1000000.0`, `max_position_embedding: 131072`, `rotary_emb_base: 1000000`,
+`qkv_concat: false`) with `qkv_concat: True` as in research/qwen2_5/finetune_qwen2.5_72B_32K.yaml
+(55d49a52ad5d). The YAML cannot tell r1.3 from r1.4.
 """
 
 from __future__ import annotations

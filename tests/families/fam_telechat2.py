@@ -12,7 +12,9 @@ bias}`, `model.layers.N.ffn_norm.weight`, `model.layers.N.feed_forward.{w1,w3}.w
 head_dim); convert_weight.py `transformer_new_kv_param` takes even head_dim blocks as K, odd as V), which is
 TP-invariant. Stored fp32 (convert_weight.py `--dtype` default float32). YAML: research/telechat2/
 telechat2-115b/finetune_telechat_115b.yaml (268b63fad89e): TelechatConfig with `num_heads`, `n_kv_heads: 8`,
-`rms_norm_eps: 1.0e-5`, `intermediate_size`, `vocab_size`, no rope base key.
+`rms_norm_eps: 1.0e-5`, `intermediate_size`, `vocab_size`, no rope base key (telechat_config.py at
+0afe877c6eb2: `theta: float = 10000.0`, `max_position_embedding` defaults to `seq_length`, `wo_has_bias`
+True). The 7B YAML is MHA (`num_heads: 32`, no `n_kv_heads`); the 115B one has GQA, used here.
 Megatron has no "bias on proj and fc2 only": the expected output (expected.py) is add_bias_linear with zero
 q/k/v and fc1 biases, which computes the same. The issue does not say this; it is what a user would expect.
 """
