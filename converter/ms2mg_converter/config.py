@@ -62,6 +62,15 @@ class CkptFormat(StrEnum):
     """The legacy per-rank format: iter_*/mp_rank_*/model_optim_rng.pt, one torch.save file per rank."""
 
 
+class SourceDigest(StrEnum):
+    """How the source's content is fingerprinted in the manifest (what a rerun is compared by)."""
+
+    CRC32 = "crc32"
+    """CRC-32 of every byte of every source file (zlib-ng, SIMD: several GB/s per core)."""
+    SHA256 = "sha256"
+    """sha256 of every byte of every source file: cryptographic, several times slower."""
+
+
 class TransformerImpl(StrEnum):
     LOCAL = "local"
     TRANSFORMER_ENGINE = "transformer_engine"
@@ -91,6 +100,7 @@ class ModelOverrides(BaseModel):
     max_position_embeddings: int | None = Field(default=None, ge=1)
     rotary_base: float | None = Field(default=None, gt=0)
     rotary_percent: float | None = Field(default=None, gt=0, le=1)
+    rotary_interleaved: bool | None = None
     norm_epsilon: float | None = Field(default=None, gt=0)
 
     def merged_over(self, base: ModelOverrides) -> ModelOverrides:
@@ -114,6 +124,9 @@ class LayoutConfig(BaseModel):
 
     qkv: QkvLayout | None = None
     fc1: Fc1Layout | None = None
+    source_tensor_parallel: int | None = Field(default=None, ge=1)
+    """Tensor-parallel size the source was trained with: contiguous layouts ([Q;K;V], [gate; up]) are
+    then per source rank ([Q_r;K_r;V_r] ...), because MindFormers splits each rank's own slice."""
 
 
 class ConvertConfig(BaseModel):
@@ -130,6 +143,7 @@ class ConvertConfig(BaseModel):
     layouts: LayoutConfig = LayoutConfig()
     dtype: DType = DType.BF16
     ckpt_format: CkptFormat = CkptFormat.TORCH
+    source_digest: SourceDigest = SourceDigest.CRC32
     transformer_impl: TransformerImpl = TransformerImpl.LOCAL
     final_norm_extra_state: bool = True
     """Write `decoder.final_layernorm._extra_state` (None), as Megatron does when TransformerEngine is

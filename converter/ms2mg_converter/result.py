@@ -5,7 +5,8 @@
   (at most 4096 bytes: `to_json` keeps it below that).
 * `ProgressEvent`: one JSON line on stdout per finished tensor group with `--progress json`.
 
-Both are plain pydantic models without torch, importable by the operator.
+Both are plain pydantic models without torch, importable by the operator. Both ignore fields they do not
+know, so an operator reading the output of a newer converter never fails on an added field.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TERMINATION_MESSAGE_LIMIT = 4096
 class ConversionResult(BaseModel):
     """Outcome of one `ms2mg convert` run (camelCase keys, the same as the resource's `status.result`)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore")
 
     status: Literal["Succeeded", "Failed"]
     reason: str = Field(description="CamelCase reason, e.g. Converted, InvalidSource, DestinationExists.")
@@ -35,6 +36,10 @@ class ConversionResult(BaseModel):
     manifest_path: str | None = Field(default=None, description="Path of ms2mg-manifest.json.")
     verified: bool = Field(default=False, description="The output was checked against the source.")
     peak_rss_bytes: int | None = Field(default=None, description="Peak resident memory of the converter process.")
+    defaulted: list[str] = Field(
+        default_factory=list,
+        description="Model facts that neither the flags, the MindFormers YAML nor the naming family stated and "
+                    "that were set to Megatron's defaults (e.g. rotary_base, norm_epsilon): check them.")
     converter_version: str = ""
 
     def to_json(self) -> str:
@@ -51,7 +56,7 @@ class ConversionResult(BaseModel):
 class ProgressEvent(BaseModel):
     """One `--progress json` line: `{"done": n, "total": m, "bytes": b}`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     done: int = Field(ge=0, description="Tensor groups finished so far.")
     total: int = Field(ge=0, description="Tensor groups in the whole plan.")

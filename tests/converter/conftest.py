@@ -23,8 +23,9 @@ def sample_flags(spec: SampleSpec) -> list[str]:
              "--num-query-groups", str(spec.num_query_groups)]
     if spec.kv_channels:
         flags += ["--kv-channels", str(spec.kv_channels)]
-    if spec.names == "mcore":
-        flags += ["--qkv-layout", spec.qkv_layout, "--fc1-layout", spec.fc1_layout]
+    if spec.names == "mcore" or spec.legacy_fused:
+        flags += ["--qkv-layout", spec.qkv_layout, "--fc1-layout", spec.fc1_layout,
+                  "--source-tensor-parallel-size", "1"]
     return flags
 
 

@@ -173,8 +173,48 @@ class SizeOnlyGroup:
         return self._rank
 
 
-def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtype | None = None) -> Any:
-    """Approach C: the GPTModel of rank (t, p) of the checkpoint's TP×PP, in this process."""
+def with_te_extra_state(module: torch.nn.Module) -> None:
+    """Give `module` the `_extra_state` of a TransformerEngine module, in place.
+
+    With TransformerEngine installed, Megatron builds the final norm (and, with the TE spec, the core
+    attention) as TE modules, whose state dict holds `<name>._extra_state` and which accept None there
+    (TE `TransformerEngineBaseModule.set_extra_state` returns on None; get_extra_state gives a serialized
+    FP8 meta, None-equivalent without FP8). TE has no CPU build, so this stand-in adds exactly that to the
+    local module (its class gains get/set_extra_state, which is how torch decides a module has extra state);
+    it refuses any other value than None, the only one a conversion may write."""
+    base = type(module)
+
+    def get_extra_state(self: torch.nn.Module) -> None:
+        return None
+
+    def set_extra_state(self: torch.nn.Module, state: Any) -> None:
+        assert state is None, f"{base.__name__}: unexpected _extra_state {type(state)}"
+
+    module.__class__ = type(f"TeExtraState{base.__name__}", (base,),
+                            {"get_extra_state": get_extra_state, "set_extra_state": set_extra_state})
+
+
+def te_like(model: Any, spec: str) -> Any:
+    """Make a local-spec GPTModel load what a TransformerEngine build of Megatron writes or reads.
+
+    `final-norm`: the final norm carries TE's `_extra_state` (Megatron's default when TE is installed).
+    `te-names`: also the TE layer-spec names (`linear_qkv.layer_norm_weight`, ...), mapped onto the local
+    modules by megatron-core's own pre-hook `mcore_gpt_load_te_state_dict_pre_hook` (used by its ModelOpt
+    path to load TE-spec checkpoints into local linears), and the core attention's TE `_extra_state`."""
+    from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
+
+    if getattr(model, "post_process", False):
+        with_te_extra_state(model.decoder.final_layernorm)
+    if spec == "te-names":
+        for layer in model.decoder.layers:
+            with_te_extra_state(layer.self_attention.core_attention)
+        model._register_load_state_dict_pre_hook(mcore_gpt_load_te_state_dict_pre_hook)
+    return model
+
+
+def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtype | None = None,
+                     te: str | None = None) -> Any:
+    """Approach C: the GPTModel of rank (t, p) of the checkpoint's TP×PP, in this process (`te`: see `te_like`)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -183,7 +223,8 @@ def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtyp
     config, kwargs = model_setup(args, dtype or params_dtype(args))
     groups = ProcessGroupCollection(tp=SizeOnlyGroup(tp, t), pp=SizeOnlyGroup(pp, p), cp=SizeOnlyGroup(1, 0),
                                     embd=None, pos_embd=None)
-    return GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
+    model = GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
+    return te_like(model, te) if te else model
 
 
 def _strict_load(model: Any, state: dict[str, Any], where: str) -> None:
@@ -195,7 +236,7 @@ def _strict_load(model: Any, state: dict[str, Any], where: str) -> None:
     assert not result.unexpected_keys, f"{where}: {result}"
 
 
-def load_all_ranks_strict(ckpt: Checkpoint) -> dict[tuple[int, int], Any]:
+def load_all_ranks_strict(ckpt: Checkpoint, te: str | None = None) -> dict[tuple[int, int], Any]:
     """Load every rank file strictly into its rank's GPTModel; check the args of every file agree.
 
     Returns the loaded models by (t, p). Shapes are checked by the strict load (size mismatch raises).
@@ -210,17 +251,17 @@ def load_all_ranks_strict(ckpt: Checkpoint) -> dict[tuple[int, int], Any]:
             tensors = [v for v in sd["model"].values() if isinstance(v, torch.Tensor)]
             assert tensors, f"{where}: no tensors"
             assert all(v.dtype == dtype for v in tensors), f"{where}: tensors are not all {dtype}"
-            model = build_rank_model(ckpt.args, t, p)
+            model = build_rank_model(ckpt.args, t, p, te=te)
             _strict_load(model, sd["model"], where)
             models[(t, p)] = model
     return models
 
 
 @torch.no_grad()
-def logits_in_process(ckpt: Checkpoint, input_ids: torch.Tensor) -> torch.Tensor:
+def logits_in_process(ckpt: Checkpoint, input_ids: torch.Tensor, te: str | None = None) -> torch.Tensor:
     """Logits `[b, s, padded_vocab]` (fp32) of a TP=1 checkpoint, PP stages chained in this process."""
     assert ckpt.tp == 1, "a TP>1 forward needs real process groups: use logits_multiprocess"
-    models = load_all_ranks_strict(ckpt)
+    models = load_all_ranks_strict(ckpt, te)
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     hidden: torch.Tensor | None = None
     for p in range(ckpt.pp):

@@ -9,7 +9,7 @@ It follows what megatron-core 0.16.1's GPTModel (local spec) computes:
 * RMSNorm / LayerNorm with eps 1e-5 (`TransformerConfig.layernorm_epsilon`);
 * q/k layernorm per head *before* RoPE (`SelfAttention.get_query_key_value_tensors` applies
   `q_layernorm` / `k_layernorm`; `Attention.forward` applies the rotary embedding afterwards);
-* RoPE rotate-half (`rotary_interleaved=False`), base 10000, rotary_percent 1.0, positions 0..s-1,
+* RoPE rotate-half (`rotary_interleaved=False`), base 10000 unless given, rotary_percent 1.0, positions 0..s-1,
   applied to q and k;
 * grouped-query causal attention, scale 1/sqrt(head_dim), query head j reads KV head j // (nh/ng);
 * SwiGLU `silu(gate) * up`, or exact (erf) GELU without SwiGLU (TransformerConfig's default activation);
@@ -40,17 +40,18 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
-def _rope(x: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
     """x: [b, heads, s, d]; rotate-half RoPE over the whole head dim."""
     s, d = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
 
 
-def _attention(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, spec: SampleSpec) -> torch.Tensor:
+def _attention(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, spec: SampleSpec,
+               rotary_base: float) -> torch.Tensor:
     b, s, _ = x.shape
     nh, ng, d = spec.num_attention_heads, spec.num_query_groups, spec.head_dim
     q = _linear(x, w, p + "q_proj").view(b, s, nh, d)
@@ -61,7 +62,7 @@ def _attention(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, spec: Sample
         k = _norm(k, w, p + "k_norm", spec)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
     if spec.position_embedding_type == "rope":
-        q, k = _rope(q), _rope(k)
+        q, k = _rope(q, rotary_base), _rope(k, rotary_base)
     rep = nh // ng
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
@@ -81,9 +82,10 @@ def _mlp(x: torch.Tensor, w: dict[str, torch.Tensor], p: str, spec: SampleSpec) 
 
 
 @torch.no_grad()
-def reference_logits(weights: dict[str, torch.Tensor], spec: SampleSpec,
-                     input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits `[b, s, vocab]` (fp32) of the sample model `spec`, logical `weights`, `input_ids` `[b, s]`."""
+def reference_logits(weights: dict[str, torch.Tensor], spec: SampleSpec, input_ids: torch.Tensor,
+                     rotary_base: float = ROTARY_BASE) -> torch.Tensor:
+    """Logits `[b, s, vocab]` (fp32) of the sample model `spec`, logical `weights`, `input_ids` `[b, s]`; the
+    model was trained with RoPE base `rotary_base`."""
     w = {k: v.float() for k, v in weights.items()}
     s = input_ids.shape[1]
     x = F.embedding(input_ids, w["model.embed_tokens.weight"])
@@ -91,7 +93,7 @@ def reference_logits(weights: dict[str, torch.Tensor], spec: SampleSpec,
         x = x + w["model.embed_positions.weight"][:s]
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        x = x + _attention(_norm(x, w, p + "input_layernorm", spec), w, p + "self_attn.", spec)
+        x = x + _attention(_norm(x, w, p + "input_layernorm", spec), w, p + "self_attn.", spec, rotary_base)
         x = x + _mlp(_norm(x, w, p + "post_attention_layernorm", spec), w, p + "mlp.", spec)
     x = _norm(x, w, "model.norm", spec)
     head = w["model.embed_tokens.weight"] if spec.tied else w["lm_head.weight"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
+from ms2mg_converter.demo.sample import SampleSpec, build_sample, logical_weights, mindformers_tensors
 from ms2mg_converter.verify.ckptfile import peek
 from tests.converter.conftest import run_cli, sample_flags
 
@@ -199,3 +199,46 @@ def test_demo_runs():
     r = run_cli("demo")
     assert r.returncode == 0, r.stderr
     assert "demo done" in r.stderr and "OK: 4 file(s)" in r.stdout
+
+
+def _flip_one_weight(path: Path) -> None:
+    """Change one bit of one value in the middle of the data section (sizes and header unchanged)."""
+    data = bytearray(path.read_bytes())
+    pos = len(data) - len(data) // 3
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("digest", ["crc32", "sha256"])
+def test_rerun_is_decided_by_content_not_by_sizes(tmp_path, digest):
+    """A new checkpoint at the same path with the same sizes and headers is not "already converted"."""
+    spec = SampleSpec(bias="all", fc1_layout="interleaved")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    build_sample(spec, src)
+    args = ["convert", "--load-dir", str(src), "--save-dir", str(dst), *sample_flags(spec), "--source-digest", digest]
+    assert run_cli(*args).returncode == 0
+    files = json.loads((dst / "ms2mg-manifest.json").read_text())["source"]["files"]
+    assert [f["digest"].split(":")[0] for f in files] == [digest] and all(len(f["header_sha256"]) == 64 for f in files)
+    again = run_cli(*args, "--result-file", str(tmp_path / "same.json"))
+    assert again.returncode == 0 and json.loads((tmp_path / "same.json").read_text())["reason"] == "AlreadyConverted"
+
+    header_before = (src / "model.safetensors").read_bytes()[:4096]
+    build_sample(SampleSpec(bias="all", fc1_layout="interleaved", seed=1), src)  # retrained: same names and shapes
+    assert (src / "model.safetensors").read_bytes()[:4096] == header_before
+    changed = run_cli(*args)
+    assert changed.returncode == 4 and "not empty" in changed.stderr, changed.stderr
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+    _flip_one_weight(src / "model.safetensors")  # one bit of one value
+    flipped = run_cli(*args, "--result-file", str(tmp_path / "flipped.json"))
+    assert flipped.returncode == 4, flipped.stderr
+    assert json.loads((tmp_path / "flipped.json").read_text())["reason"] != "AlreadyConverted"
+
+
+def test_a_manifest_with_another_digest_kind_is_not_a_match(tmp_path):
+    spec = SampleSpec(bias="all", fc1_layout="interleaved")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    build_sample(spec, src)
+    base = ["convert", "--load-dir", str(src), "--save-dir", str(dst), *sample_flags(spec)]
+    assert run_cli(*base, "--source-digest", "crc32").returncode == 0
+    assert run_cli(*base, "--source-digest", "sha256").returncode == 4

@@ -76,9 +76,9 @@ def convert_flags(spec: SampleSpec, tp: int, pp: int, *, dtype: str | None = "fp
         flags += ["--dtype", dtype]
     if spec.kv_channels is not None:
         flags += ["--kv-channels", str(spec.kv_channels)]
-    if spec.names == "mcore":
+    if spec.names == "mcore" or spec.legacy_fused:
         flags += ["--qkv-layout", qkv_layout or spec.qkv_layout,
-                  "--fc1-layout", fc1_layout or spec.fc1_layout]
+                  "--fc1-layout", fc1_layout or spec.fc1_layout, "--source-tensor-parallel-size", "1"]
     if spec.position_embedding_type == "learned_absolute":
         flags += ["--max-position-embeddings", str(spec.max_position_embeddings),
                   "--seq-length", str(spec.max_position_embeddings)]

@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from ms2mg_converter.config import Fc1Layout, PadFill, QkvLayout
 from ms2mg_converter.layout import (
     Copy,
+    Fc1BiasZeros,
     GluFused,
     GluSplit,
     LayoutOp,
+    QkvBiasZeros,
+    QkvFromQAndKv,
     QkvFused,
     QkvSplit,
     Run,
@@ -27,7 +30,8 @@ from ms2mg_converter.layout import (
 def apply_runs(runs: list[Run], inputs: list[torch.Tensor]) -> torch.Tensor:
     """Execute a row map with plain torch indexing (what stream.reader.produce does with numpy)."""
     rows = covered(runs)
-    out = torch.empty((rows, *inputs[0].shape[1:]), dtype=inputs[0].dtype)
+    tail, dtype = (inputs[0].shape[1:], inputs[0].dtype) if inputs else ((), torch.float32)
+    out = torch.empty((rows, *tail), dtype=dtype)
     for r in runs:
         if r.src is None:
             out[r.dst: r.dst + r.count] = 0
@@ -87,6 +91,52 @@ def test_glu_row_maps_match_torch_and_invert(ffn, layout, cols):
     source = torch.cat((gate, up)) if layout is Fc1Layout.GATE_UP else stacked
     assert torch.equal(check_op(GluFused(ffn, layout), [source]), torch.cat((gate, up)))
     assert torch.equal(check_op(GluSplit(ffn), [gate, up]), torch.cat((gate, up)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hg=heads_groups(), t=st.sampled_from([1, 2, 4]), cols=st.integers(0, 3))
+def test_contiguous_qkv_per_source_tp_rank(hg, t, cols):
+    """Trained at TP t, a contiguous fused qkv is [Q_r;K_r;V_r] for each source rank r."""
+    heads, groups, d = hg
+    if groups % t:
+        return
+    q, k, v = (torch.randn((n * d, *([cols] if cols else []))) for n in (heads, groups, groups))
+    source = torch.cat([torch.cat((q.chunk(t)[r], k.chunk(t)[r], v.chunk(t)[r])) for r in range(t)])
+    megatron = grouped_by_hand(q, k, v, groups)
+    assert torch.equal(check_op(QkvFused(heads, groups, d, QkvLayout.CONTIGUOUS, t), [source]), megatron)
+    assert torch.equal(check_op(QkvFused(heads, groups, d, QkvLayout.GROUPED, t), [megatron]), megatron)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ffn=st.integers(1, 12), t=st.sampled_from([1, 2, 4]), cols=st.integers(0, 3))
+def test_gate_up_per_source_tp_rank(ffn, t, cols):
+    """Trained at TP t, a [gate; up] fused fc1 is [G_r; U_r] for each source rank r."""
+    f = ffn * t
+    gate, up = (torch.randn((f, *([cols] if cols else []))) for _ in range(2))
+    source = torch.cat([torch.cat((gate.chunk(t)[r], up.chunk(t)[r])) for r in range(t)])
+    assert torch.equal(check_op(GluFused(f, Fc1Layout.GATE_UP, t), [source]), torch.cat((gate, up)))
+    interleaved = torch.stack((gate, up), 1).reshape(2 * f, *gate.shape[1:])
+    assert torch.equal(check_op(GluFused(f, Fc1Layout.INTERLEAVED, t), [interleaved]), torch.cat((gate, up)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hg=heads_groups(), cols=st.integers(0, 3))
+def test_q_and_per_head_kv(hg, cols):
+    """TeleChat2's wk_v: per KV head [k_h; v_h]."""
+    heads, groups, d = hg
+    q, k, v = (torch.randn((n * d, *([cols] if cols else []))) for n in (heads, groups, groups))
+    kv = torch.cat([torch.cat((k[h * d:(h + 1) * d], v[h * d:(h + 1) * d])) for h in range(groups)])
+    assert torch.equal(check_op(QkvFromQAndKv(heads, groups, d), [q, kv]), grouped_by_hand(q, k, v, groups))
+
+
+def test_zero_biases_are_zeros_of_the_right_size():
+    class Dims:
+        hidden_size, num_attention_heads, num_query_groups, kv_channels = 16, 4, 2, 3
+        ffn_hidden_size, swiglu, qkv_layout, fc1_layout, source_tensor_parallel = 5, True, None, None, 1
+
+    for op, rows in ((QkvBiasZeros.bind(Dims(), []), (4 + 4) * 3), (Fc1BiasZeros.bind(Dims(), []), 10)):
+        assert torch.equal(check_op(op, []), torch.zeros(rows))
+        assert op.runs() == [Run(0, rows, None, 0)]
 
 
 def test_copy_is_the_identity():

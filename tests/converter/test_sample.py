@@ -89,8 +89,9 @@ def test_legacy_names(fused: bool) -> None:
 
 
 def test_legacy_fused_is_concat_of_separate() -> None:
+    """r1.3's order ([Q;K;V], [gate; up]); r1.4+ packs per query group and interleaves, as the layouts say."""
     w = logical_weights(SampleSpec())
-    fused = mindformers_tensors(SampleSpec(names="legacy", legacy_fused=True), w)
+    fused = mindformers_tensors(SampleSpec(names="legacy", legacy_fused=True, qkv_layout="contiguous"), w)
     sep = mindformers_tensors(SampleSpec(names="legacy"), w)
     p = "model.layers.0."
     assert torch.equal(fused[p + "attention.w_qkv.weight"],

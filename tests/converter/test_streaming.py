@@ -49,11 +49,12 @@ def test_streamed_files_equal_torch_save_of_the_same_state(make_sample, convert,
     src, _, _ = make_sample(bias="all", fc1_layout="interleaved", qkv_layout="contiguous", tied=True)
     dst = tmp_path / "streamed"
     flags = ["--num-attention-heads", "8", "--num-query-groups", "4", "--qkv-layout", "contiguous",
-             "--fc1-layout", "interleaved", "--tp", "2", "--pp", "2", "--true-vocab-size", "1000"]
+             "--source-tensor-parallel-size", "1", "--fc1-layout", "interleaved", "--tp", "2", "--pp", "2",
+             "--true-vocab-size", "1000"]
     assert convert(src, dst, *flags) == 0
     cfg = ConvertConfig(load_dir=src, tensor_parallel=2, pipeline_parallel=2,
                         model=ModelOverrides(num_attention_heads=8, num_query_groups=4),
-                        layouts=LayoutConfig(qkv="contiguous", fc1="interleaved"),
+                        layouts=LayoutConfig(qkv="contiguous", fc1="interleaved", source_tensor_parallel=1),
                         vocab=VocabConfig(true_vocab_size=1000))
     in_memory_rank_files(cfg, tmp_path / "plain")
     files = sorted((dst / "iter_0000001").glob("*/model_optim_rng.pt"))

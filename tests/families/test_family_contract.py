@@ -43,7 +43,10 @@ def test_legacy_fused_without_fc1_layout_is_refused(built: Callable[[str], Case]
 
 WRONG = [
     pytest.param("qwen2.5-legacy-r1.4", ("--qkv-layout", "contiguous", "--fc1-layout", "gate-up"), id="legacy"),
-    pytest.param("qwen3-r1.7", ("--qkv-layout", "contiguous", "--fc1-layout", "gate-up"), id="mcore"),
+    # the r1.7 fixture's YAML says model_parallel 2 = its 2 query groups, and [Q_r;K_r;V_r] with one group per
+    # rank is the grouped order itself: claim a TP-1 training so that the wrong order really is another one
+    pytest.param("qwen3-r1.7", ("--qkv-layout", "contiguous", "--fc1-layout", "gate-up",
+                                "--source-tensor-parallel-size", "1"), id="mcore"),
 ]
 
 

@@ -50,7 +50,8 @@ def _sh(*cmd: str) -> None:
 def flags_for(spec: SampleSpec) -> list[str]:
     """What a user passes for a sample: heads, groups, layouts."""
     return ["--num-attention-heads", str(spec.num_attention_heads), "--num-query-groups",
-            str(spec.num_query_groups), "--qkv-layout", spec.qkv_layout, "--fc1-layout", spec.fc1_layout]
+            str(spec.num_query_groups), "--qkv-layout", spec.qkv_layout, "--fc1-layout", spec.fc1_layout,
+            "--source-tensor-parallel-size", "1"]
 
 
 def split_file(path: Path) -> tuple[dict[str, Any], bytes]:

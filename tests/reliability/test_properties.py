@@ -267,8 +267,8 @@ def test_plan_splits_correctly_or_names_the_divisibility_problem(m: dict[str, An
         load_dir=Path("/nonexistent"), tensor_parallel=tp, pipeline_parallel=pp, transformer_impl=impl,
         model=ModelOverrides(num_attention_heads=m["num_attention_heads"], num_query_groups=m["num_query_groups"],
                              kv_channels=m["kv_channels"]),
-        layouts=LayoutConfig(qkv=QkvLayout(m.get("qkv_layout", "grouped")), fc1=Fc1Layout(m.get("fc1_layout",
-                                                                                                 "gate-up"))),
+        layouts=LayoutConfig(qkv=QkvLayout(m.get("qkv_layout", "grouped")),
+                             fc1=Fc1Layout(m.get("fc1_layout", "gate-up")), source_tensor_parallel=1),
         vocab=VocabConfig(true_vocab_size=true_vocab, make_vocab_size_divisible_by=divisible_by))
     expected_problems = _divisibility_problems(m, tp, pp, true_vocab)
     event("ParallelismError expected" if expected_problems else "plan expected")

@@ -22,6 +22,7 @@ from ms2mg_converter.config import (
     PadFill,
     PositionEmbedding,
     QkvLayout,
+    SourceDigest,
     TransformerImpl,
     VocabConfig,
 )
@@ -84,9 +85,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         ("padded-vocab-size", "rows of the source embedding table; checked against the tensors"),
     ):
         g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=what)
-    g.add_argument("--rotary-base", type=float, default=None, metavar="F", help="RoPE base (default 10000)")
-    g.add_argument("--rotary-percent", type=float, default=None, metavar="F", help="RoPE fraction (default 1.0)")
-    g.add_argument("--norm-epsilon", type=float, default=None, metavar="F", help="norm epsilon (default 1e-5)")
+    g.add_argument("--rotary-base", type=float, default=None, metavar="F",
+                   help="RoPE base, theta (default 10000, reported as defaulted)")
+    g.add_argument("--rotary-percent", type=float, default=None, metavar="F",
+                   help="fraction of the head dim RoPE rotates (default: the family's, else 1.0)")
+    _bool_flag(g, "rotary-interleaved", "RoPE on adjacent pairs (GLM) instead of halves (default: the family's, "
+                                        "else no)")
+    g.add_argument("--norm-epsilon", type=float, default=None, metavar="F",
+                   help="norm epsilon (default 1e-5, reported as defaulted)")
     g.add_argument("--normalization", choices=[n.value for n in Normalization], default=None)
     g.add_argument("--position-embedding-type", choices=[e.value for e in PositionEmbedding], default=None)
     _bool_flag(g, "swiglu", "SwiGLU MLP (inferred: fc1 rows = 2 x fc2 columns)")
@@ -109,10 +115,17 @@ def _add_vocab_and_output(p: argparse.ArgumentParser) -> None:
                    help="padding rows: copies of the last row (Megatron's saver, default) or zeros")
     g.add_argument("--qkv-layout", choices=[q.value for q in QkvLayout], default=None,
                    help="row order of a fused linear_qkv in the source (else from --config)")
+    g.add_argument("--source-tensor-parallel-size", dest="source_tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel size the source was trained with (else the --config YAML's "
+                        "parallel_config.model_parallel): contiguous fused layouts are [Q;K;V] / [gate; up] "
+                        "per training rank; needed with --qkv-layout contiguous")
     g.add_argument("--fc1-layout", choices=[f.value for f in Fc1Layout], default=None,
                    help="row order of a fused SwiGLU linear_fc1 in the source (else from --config)")
     g.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BF16.value,
                    help="dtype of the written tensors (default bf16)")
+    g.add_argument("--source-digest", choices=[d.value for d in SourceDigest], default=SourceDigest.CRC32.value,
+                   help="digest of the source's content recorded in the manifest, by which a rerun is recognised "
+                        "as already converted (default crc32; sha256 is cryptographic and slower)")
     g.add_argument("--ckpt-format", choices=[f.value for f in CkptFormat], default=CkptFormat.TORCH.value,
                    help="Megatron-LM checkpoint format of the output (default torch: per-rank "
                         "iter_*/mp_rank_*/model_optim_rng.pt)")
@@ -189,9 +202,10 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
             vocab=VocabConfig(true_vocab_size=_true_vocab(ns),
                               make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
                               pad_fill=PadFill(ns.vocab_pad_fill)),
-            layouts=LayoutConfig(qkv=ns.qkv_layout, fc1=ns.fc1_layout),
+            layouts=LayoutConfig(qkv=ns.qkv_layout, fc1=ns.fc1_layout, source_tensor_parallel=ns.source_tp),
             dtype=DType(ns.dtype),
             ckpt_format=CkptFormat(ns.ckpt_format),
+            source_digest=SourceDigest(getattr(ns, "source_digest", SourceDigest.CRC32.value)),
             transformer_impl=TransformerImpl(ns.saver_transformer_impl),
             final_norm_extra_state=ns.final_norm_extra_state,
             tokenizer_type=ns.tokenizer_type,

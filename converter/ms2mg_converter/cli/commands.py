@@ -18,6 +18,7 @@ from ms2mg_converter.cli.progress import make_progress, no_progress, say
 from ms2mg_converter.cli.report import describe_plan, plan_json
 from ms2mg_converter.config import ConvertConfig
 from ms2mg_converter.errors import UsageError, VerificationError
+from ms2mg_converter.model.facts import describe_defaulted
 from ms2mg_converter.plan import Plan, build_plan
 from ms2mg_converter.result import ConversionResult
 
@@ -66,6 +67,8 @@ def convert(ns: argparse.Namespace) -> ConversionResult:
              plan.arch.padded_vocab_size, len(plan.files), cfg.tensor_parallel, cfg.pipeline_parallel, cfg.dtype)
     if plan.dropped:
         log.info("dropped %d optimizer/bookkeeping key(s), e.g. %s", len(plan.dropped), plan.dropped[0])
+    if plan.arch.defaulted:
+        log.warning("warning: %s", describe_defaulted(plan.arch))
     if not cfg.overwrite:
         done = _already_converted(plan, t0)
         if done is not None:
@@ -85,7 +88,8 @@ def convert(ns: argparse.Namespace) -> ConversionResult:
         status="Succeeded", reason="Converted", message=f"converted {len(stats.files)} file(s) to {cfg.save_dir}",
         files=len(stats.files) + 2, bytes=stats.bytes, seconds=round(seconds, 3),
         padded_vocab_size=plan.arch.padded_vocab_size, manifest_path=str(stats.manifest),
-        verified=stats.verified, peak_rss_bytes=rss, converter_version=__version__)
+        verified=stats.verified, peak_rss_bytes=rss, converter_version=__version__,
+        defaulted=list(plan.arch.defaulted))
 
 
 def _already_converted(plan: Plan, t0: float) -> ConversionResult | None:
@@ -108,7 +112,7 @@ def _already_converted(plan: Plan, t0: float) -> ConversionResult | None:
         files=len(manifest.files) + 2, bytes=sum(f.bytes for f in manifest.files),
         seconds=round(time.perf_counter() - t0, 3), padded_vocab_size=plan.arch.padded_vocab_size,
         manifest_path=str(save / MANIFEST_NAME) if save else None, verified=manifest.verified,
-        converter_version=__version__)
+        converter_version=__version__, defaulted=list(plan.arch.defaulted))
 
 
 def inspect(ns: argparse.Namespace) -> ConversionResult:

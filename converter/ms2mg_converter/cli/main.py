@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show the inferred architecture and the plan; write nothing")
     add_plan_flags(i, save=False)
     i.add_argument("--json", action="store_true", help="print the plan as JSON")
+    i.add_argument("--no-verify", action="store_true",
+                   help="estimate the peak memory of a conversion without verification")
     v = sub.add_parser("verify", help="check a written checkpoint against its source")
     add_plan_flags(v, save=True)
     d = sub.add_parser("demo", help="convert a built-in sample checkpoint (TP2/PP2) and verify it")

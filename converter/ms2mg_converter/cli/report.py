@@ -4,18 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ms2mg_converter.plan import ExtraEntry, Plan, TensorEntry
-from ms2mg_converter.write.torch_legacy import CHUNK_BYTES, POOL_BUFFERS
-
-BASE_RSS = 120 * 1024 * 1024
-"""Interpreter, numpy and ml_dtypes, measured (see docs/performance.md)."""
-
-
-def peak_memory_estimate(plan: Plan) -> int:
-    """Bytes of RSS the conversion should need: chunk buffers, the largest mapped source tensor, baseline."""
-    largest = max((sum(r.rows * r.cols for r in e.inputs) * 4 for f in plan.files for e in f.entries()
-                   if isinstance(e, TensorEntry)), default=0)
-    return BASE_RSS + (POOL_BUFFERS + 1) * CHUNK_BYTES + largest
+from ms2mg_converter.cli.memory import convert_peak, peak_memory_estimate, verify_peak
+from ms2mg_converter.plan import ExtraEntry, Plan
 
 
 def _gb(n: int) -> str:
@@ -33,7 +23,7 @@ def describe_plan(plan: Plan) -> str:
         f"ignored keys ({len(plan.ignored)}): {', '.join(plan.ignored) or '-'}",
         f"plan: TP {plan.config.tensor_parallel} x PP {plan.config.pipeline_parallel}, {plan.config.dtype}, "
         f"{plan.config.transformer_impl} key names, {len(plan.files)} file(s), {_gb(plan.tensor_bytes)} of tensors",
-        f"peak memory estimate: {_gb(peak_memory_estimate(plan))}",
+        f"peak memory estimate: {_gb(convert_peak(plan))} converting, {_gb(verify_peak(plan))} verifying",
     ]
     for f in plan.files:
         lines.append(f"  {f.path}  (tp {f.tp_rank}, pp {f.pp_rank}, {_gb(f.tensor_bytes)})")
@@ -50,7 +40,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     for f in plan.files:
         entries = [{"key": e.key, "value": None} if isinstance(e, ExtraEntry) else
                    {"key": e.key, "source": e.source, "dtype": str(e.dtype), "shape": list(e.shape),
-                    "bytes": e.nbytes, "inputs": [r.name for r in e.inputs],
+                    "bytes": e.nbytes, "inputs": [r.name for r in e.inputs], "op": e.op,
                     "runs": [[r.dst, r.count, r.src, r.start, r.step] for r in e.runs],
                     "columns": list(e.cols) if e.cols else None} for e in f.entries()]
         files.append({"path": f.path, "tp_rank": f.tp_rank, "pp_rank": f.pp_rank, "bytes": f.tensor_bytes,
@@ -58,5 +48,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     return {"architecture": plan.arch.model_dump(mode="json"), "config": plan.config.model_dump(mode="json"),
             "dropped_keys": list(plan.dropped), "ignored_keys": list(plan.ignored),
             "megatron_args": {k: str(v) if hasattr(v, "module") else v for k, v in plan.args.items()},
-            "peak_memory_estimate": peak_memory_estimate(plan), "tensor_bytes": plan.tensor_bytes,
+            "peak_memory_estimate": peak_memory_estimate(plan),
+            "peak_memory": {"convert": convert_peak(plan), "verify": verify_peak(plan)},
+            "tensor_bytes": plan.tensor_bytes,
             "files": files}

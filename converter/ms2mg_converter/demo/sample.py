@@ -223,10 +223,10 @@ def _legacy_tensors(spec: SampleSpec, w: dict[str, torch.Tensor]) -> dict[str, t
                     out[f"{dst}{b}.{kind}"] = w[f"{src}{a}.{kind}"]
             if spec.legacy_fused and f"{src}self_attn.q_proj.{kind}" in w:
                 q, k, v = (w[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv")
-                out[f"{dst}attention.w_qkv.{kind}"] = torch.cat((q, k, v))
+                out[f"{dst}attention.w_qkv.{kind}"] = fuse_qkv(q, k, v, spec.num_query_groups, spec.qkv_layout)
             if spec.legacy_fused and f"{src}mlp.up_proj.{kind}" in w:
                 up = w[f"{src}mlp.up_proj.{kind}"]
-                gate_up = torch.cat((w[f"{src}mlp.gate_proj.{kind}"], up)) if spec.swiglu else up
+                gate_up = fuse_fc1(w[f"{src}mlp.gate_proj.{kind}"], up, spec.fc1_layout) if spec.swiglu else up
                 out[f"{dst}feed_forward.w_gate_hidden.{kind}"] = gate_up
     out["model.norm_out.weight"] = w["model.norm.weight"]
     if "model.norm.bias" in w:

@@ -3,13 +3,38 @@
 The lowest stage above the contract modules (`config`, `errors`): the family tables name these operations,
 the planner executes their row maps, verification re-states them with torch. Pure Python at import time.
 
-Public names: `Run`, `LayoutOp` and its operations (`Copy`, `QkvSplit`, `QkvFused`, `GluSplit`,
-`GluFused`, `VocabResize`), `Split`.
+* `rows`: the row-map primitive (`Run`) every operation is executed with;
+* `base`: the `LayoutOp` interface (`runs` / `apply` / `invert`, and what architecture inference asks);
+* `copy`, `qkv`, `glu`: the operations;
+* `tp`: Megatron's tensor-parallel split rules (`Split`).
 """
 
-from ms2mg_converter.layout.ops import Copy, Dims, GluFused, GluSplit, LayoutOp, QkvFused, QkvSplit, VocabResize
+from ms2mg_converter.layout.base import Dims, LayoutOp
+from ms2mg_converter.layout.copy import Copy, Fc1BiasZeros, HiddenBiasZeros, QkvBiasZeros, VocabResize, Zeros
+from ms2mg_converter.layout.glu import GluFused, GluSplit
+from ms2mg_converter.layout.qkv import QkvFromQAndKv, QkvFused, QkvSplit
 from ms2mg_converter.layout.rows import Run, concat, covered, identity, select
 from ms2mg_converter.layout.tp import Split, glu_parts
 
-__all__ = ["Copy", "Dims", "GluFused", "GluSplit", "LayoutOp", "QkvFused", "QkvSplit", "Run", "Split",
-           "VocabResize", "concat", "covered", "glu_parts", "identity", "select"]
+__all__ = [
+           "Copy",
+           "Dims",
+           "Fc1BiasZeros",
+           "GluFused",
+           "GluSplit",
+           "HiddenBiasZeros",
+           "LayoutOp",
+           "QkvBiasZeros",
+           "QkvFromQAndKv",
+           "QkvFused",
+           "QkvSplit",
+           "Run",
+           "Split",
+           "VocabResize",
+           "Zeros",
+           "concat",
+           "covered",
+           "glu_parts",
+           "identity",
+           "select",
+]

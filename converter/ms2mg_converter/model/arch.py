@@ -9,8 +9,6 @@ is read.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from pydantic import BaseModel, ConfigDict
 
 from ms2mg_converter.checks import padded_vocab_size, parallelism_problems
@@ -24,6 +22,8 @@ from ms2mg_converter.config import (
     QkvLayout,
 )
 from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError, UsageError
+from ms2mg_converter.model.facts import resolve_facts
+from ms2mg_converter.model.layouts import resolve_layouts
 from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV
 from ms2mg_converter.source.resolve import Logical, SourceView
 
@@ -54,9 +54,14 @@ class Architecture(BaseModel):
     max_position_embeddings: int
     rotary_base: float
     rotary_percent: float
+    rotary_interleaved: bool = False
     norm_epsilon: float
     qkv_layout: QkvLayout | None
     fc1_layout: Fc1Layout | None
+    source_tensor_parallel: int = 1
+    """TP size the source was trained with (contiguous fused layouts are per source rank)."""
+    defaulted: tuple[str, ...] = ()
+    """Model facts nothing stated (flags, YAML, family), set to Megatron's defaults (`model.facts`)."""
 
 
 def _shape(view: SourceView, target: str, layer: int | None = None) -> tuple[int, ...] | None:
@@ -176,7 +181,7 @@ def _layer_shapes(view: SourceView, a: Architecture) -> None:
         for base, vec in expected.items():
             for suffix in (".bias",) if base not in NORMS else (".weight", ".bias"):
                 logical = view.get(base + suffix, layer)
-                if logical is not None:
+                if logical is not None and logical.inputs:  # no inputs: synthesized (zeros) in this shape
                     _expect(logical.name, _logical_shape(logical), vec, "one value per output row")
 
 
@@ -223,41 +228,6 @@ def _vocab(view: SourceView, cfg: ConvertConfig, h: int) -> tuple[int, int | Non
     return rows, true, padded_vocab_size(true, cfg.vocab.make_vocab_size_divisible_by, tp)
 
 
-def _matters(view: SourceView, target: str, flag: str, arch: Architecture) -> bool:
-    """Whether the tensor `target` is built by an operation whose `flag` layout matters for this model."""
-    logical = view.get(target, 0)
-    return logical is not None and logical.recipe.op.layout_flag == flag and logical.recipe.op.layout_matters(arch)
-
-
-def _layouts(view: SourceView, layouts: LayoutConfig, arch: Architecture) -> tuple[
-        QkvLayout | None, Fc1Layout | None]:
-    qkv = fc1 = None
-    if _matters(view, QKV + ".weight", "qkv", arch):
-        qkv = layouts.qkv or _default(view.family.fused_qkv_default, QkvLayout)
-        if qkv is None:
-            raise UsageError(
-                "the row order of the fused linear_qkv cannot be read from the tensors: pass --qkv-layout "
-                "grouped (Megatron's order; MindFormers r1.7+ default, use_contiguous_weight_layout_attention: "
-                "False) or --qkv-layout contiguous ([Q;K;V]; MindFormers r1.6/dev default), or --config "
-                "MODEL.yaml. A wrong choice loads fine and gives wrong outputs, so ms2mg does not guess.")
-    if _matters(view, FC1 + ".weight", "fc1", arch):
-        fc1 = layouts.fc1 or _default(view.family.fused_fc1_default, Fc1Layout)
-        if fc1 is None:
-            raise UsageError(
-                "the row order of the fused SwiGLU linear_fc1 cannot be read from the tensors: pass "
-                "--fc1-layout interleaved (rows gate,up,gate,up; MindFormers r1.7+ default, "
-                "use_interleaved_weight_layout_mlp: True) or --fc1-layout gate-up ([gate; up], Megatron's "
-                "order), or --config MODEL.yaml. A wrong choice loads fine and gives wrong outputs.")
-    return qkv, fc1
-
-
-_E = TypeVar("_E", QkvLayout, Fc1Layout)
-
-
-def _default(value: str | None, enum: type[_E]) -> _E | None:
-    return None if value is None else enum(value)
-
-
 CHECKED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
            "kv_channels", "swiglu", "add_bias_linear", "qk_layernorm", "untie_embeddings_and_output_weights",
            "normalization", "position_embedding_type")
@@ -301,8 +271,10 @@ def merged_inputs(cfg: ConvertConfig) -> tuple[ModelOverrides, LayoutConfig]:
     from ms2mg_converter.source.mfyaml import read_yaml
 
     model, layouts = read_yaml(cfg.config_yaml)
-    return cfg.model.merged_over(model), LayoutConfig(qkv=cfg.layouts.qkv or layouts.qkv,
-                                                      fc1=cfg.layouts.fc1 or layouts.fc1)
+    given = cfg.layouts
+    return cfg.model.merged_over(model), LayoutConfig(
+        qkv=given.qkv or layouts.qkv, fc1=given.fc1 or layouts.fc1,
+        source_tensor_parallel=given.source_tensor_parallel or layouts.source_tensor_parallel)
 
 
 def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
@@ -325,7 +297,8 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     rows, true, padded = _vocab(view, cfg, h)
     bias_linear, qkv_bias = _biases(view)
     pos = _shape(view, POS)
-    seq = given.seq_length or 2048
+    rope = pos is None
+    facts = resolve_facts(given, view.family.facts, rope, pos[0] if pos else None)
     arch = Architecture(
         family=view.family.name, num_layers=num_layers, hidden_size=h, ffn_hidden_size=ffn,
         num_attention_heads=heads, num_query_groups=groups, kv_channels=d, swiglu=swiglu,
@@ -333,14 +306,13 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
         qk_layernorm=view.get(QK_NORMS[0] + ".weight", 0) is not None,
         untie_embeddings_and_output_weights=view.get(OUTPUT) is not None,
         normalization=_normalization(view),
-        position_embedding_type=PositionEmbedding.LEARNED_ABSOLUTE if pos else PositionEmbedding.ROPE,
-        source_vocab_rows=rows, true_vocab_size=true, padded_vocab_size=padded, seq_length=seq,
-        max_position_embeddings=pos[0] if pos else (given.max_position_embeddings or seq),
-        rotary_base=given.rotary_base or 10000.0, rotary_percent=given.rotary_percent or 1.0,
-        norm_epsilon=given.norm_epsilon or 1e-5, qkv_layout=None, fc1_layout=None)
+        position_embedding_type=PositionEmbedding.ROPE if rope else PositionEmbedding.LEARNED_ABSOLUTE,
+        source_vocab_rows=rows, true_vocab_size=true, padded_vocab_size=padded,
+        **facts.model_dump(), qkv_layout=None, fc1_layout=None)
     _cross_check(given, arch)
     _layer_shapes(view, arch)
     if pos is not None:
         _expect(POS, pos, (pos[0], h), "positions x hidden")
-    qkv_layout, fc1_layout = _layouts(view, layouts, arch)
-    return arch.model_copy(update={"qkv_layout": qkv_layout, "fc1_layout": fc1_layout})
+    qkv_layout, fc1_layout, source_tp = resolve_layouts(view, layouts, arch)
+    return arch.model_copy(update={"qkv_layout": qkv_layout, "fc1_layout": fc1_layout,
+                                   "source_tensor_parallel": source_tp})

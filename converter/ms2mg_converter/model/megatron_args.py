@@ -43,7 +43,7 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "use_rotary_position_embeddings": rope,
         "rotary_base": int(arch.rotary_base) if arch.rotary_base.is_integer() else arch.rotary_base,
         "rotary_percent": arch.rotary_percent,
-        "rotary_interleaved": False,
+        "rotary_interleaved": arch.rotary_interleaved,
         "normalization": str(arch.normalization),
         "norm_epsilon": arch.norm_epsilon,
         "apply_layernorm_1p": False,

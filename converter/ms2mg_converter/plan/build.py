@@ -46,13 +46,15 @@ def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertCo
     arch, cfg, r = plan_ctx
     assert slot.template is not None
     split = split_of(slot.template)
-    rest = logical.inputs[0].shape[1:]
+    rest = logical.inputs[0].shape[1:] if logical.inputs else ()  # no inputs: a synthesized vector
     cols = math.prod(rest)
-    runs, rows = _rank_runs(layout_op(logical, arch, cfg).runs(), split, arch, cfg.tensor_parallel, r)
+    op = layout_op(logical, arch, cfg)
+    runs, rows = _rank_runs(op.runs(), split, arch, cfg.tensor_parallel, r)
     col_range = split.col_range(rest[0], cfg.tensor_parallel, r) if rest else None
     shape = (rows, *rest) if col_range is None else (rows, col_range[1] - col_range[0])
     inputs = tuple(Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], cols) for i in logical.inputs)
-    return TensorEntry(slot.key, logical.name, shape, cfg.dtype, inputs, tuple(runs), col_range)
+    return TensorEntry(slot.key, logical.name, shape, cfg.dtype, inputs, tuple(runs), col_range, op.name,
+                       op.rebuild_whole)
 
 
 def _group_label(slot: Slot) -> str:

@@ -45,6 +45,10 @@ class TensorEntry:
     inputs: tuple[Read, ...]
     runs: tuple[Run, ...]
     cols: tuple[int, int] | None = None
+    op: str = "copy"
+    """Name of the layout operation that builds the TP1 tensor (`LayoutOp.name`)."""
+    rebuild_whole: bool = False
+    """Verification rebuilds the whole TP1 tensor for it (`LayoutOp.rebuild_whole`)."""
 
     @property
     def nbytes(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from ms2mg_converter.confine import check_destination
 from ms2mg_converter.errors import ConversionIOError, VerificationError
 from ms2mg_converter.plan import Plan
+from ms2mg_converter.source.fingerprint import SourceFingerprint
 from ms2mg_converter.write import ProgressFn, WrittenFile, writer_for
 from ms2mg_converter.write.manifest import FileDigests, OutputFile, build_manifest, tensor_count, write_manifest
 from ms2mg_converter.write.staging import Staging
@@ -50,6 +51,7 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
     staging = Staging(plan.config.save_dir, plan.config.overwrite, plan.config.save_root)
     staging.check_destination()
     timings: dict[str, float] = {}
+    fingerprint = SourceFingerprint(plan.source, plan.config.source_digest)
     try:
         stale = staging.create()
         t0 = time.perf_counter()
@@ -60,15 +62,20 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
         outputs = [OutputFile(path=f.path.relative_to(staging.path).as_posix(), bytes=f.bytes, sha256=f.sha256,
                               tensor_parallel_rank=fp.tp_rank, pipeline_parallel_rank=fp.pp_rank,
                               tensors=tensor_count(plan, fp.path)) for f, fp in zip(files, plan.files, strict=True)]
-        manifest = build_manifest(plan, command, outputs, plan.config.verify, timings)
+        t0 = time.perf_counter()
+        sources = fingerprint.result()
+        timings["source_digest_wait"] = time.perf_counter() - t0
+        manifest = build_manifest(plan, command, outputs, plan.config.verify, timings, sources)
         write_manifest(manifest, staging.path)
         staging.commit()
     except OSError as e:
+        fingerprint.cancel()
         staging.abort()
         raise ConversionIOError(f"I/O error while writing the checkpoint ({e.strerror or e}"
                                 f"{': ' + str(e.filename) if e.filename else ''}); nothing was written to "
                                 f"--save-dir {plan.config.save_dir}. Check free space and the file system.") from e
     except BaseException:
+        fingerprint.cancel()
         staging.abort()
         raise
     total = sum(f.bytes for f in files)

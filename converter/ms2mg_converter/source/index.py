@@ -11,6 +11,7 @@ is reported as such, not as a crash deep inside a reader.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -54,6 +55,8 @@ class SourceFile:
     path: Path
     size: int
     header_bytes: int
+    header_sha256: str = ""
+    """sha256 of the JSON header: names, dtypes, shapes and offsets (content is fingerprinted separately)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def _bad(path: Path, what: str) -> SourceError:
                        "interrupted copy or another format?); re-export or re-copy it.")
 
 
-def _read_header(path: Path) -> tuple[dict[str, object], int, int]:
+def _read_header(path: Path) -> tuple[dict[str, object], int, int, str]:
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -114,7 +117,7 @@ def _read_header(path: Path) -> tuple[dict[str, object], int, int]:
         raise _bad(path, f"its {n}-byte JSON header does not parse ({e})") from e
     if not isinstance(header, dict):
         raise _bad(path, "its header is not a JSON object")
-    return header, n, size
+    return header, n, size, hashlib.sha256(raw).hexdigest()
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
@@ -162,7 +165,7 @@ def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, data_len
 
 def read_file(path: Path) -> tuple[SourceFile, list[TensorInfo]]:
     """Parse and check one safetensors file's header."""
-    header, n, size = _read_header(path)
+    header, n, size, digest = _read_header(path)
     data_start = 8 + n
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
@@ -170,7 +173,7 @@ def read_file(path: Path) -> tuple[SourceFile, list[TensorInfo]]:
     infos = [_tensor_info(path, name, entry, data_start, size - data_start)
              for name, entry in header.items() if name != "__metadata__"]
     _check_layout(path, infos, data_start, size - data_start)
-    return SourceFile(path, size, n), infos
+    return SourceFile(path, size, n, digest), infos
 
 
 def _files_of(load: Path) -> list[Path]:

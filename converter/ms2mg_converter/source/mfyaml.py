@@ -1,8 +1,12 @@
-"""Architecture values and layout flags from a MindFormers model YAML (`--config`).
+"""Architecture values, model facts and layout flags from a MindFormers model YAML (`--config`).
 
-MindFormers keeps the model description under `model.model_config`; legacy (llama-style) and mcore
-configs spell some keys differently, so each value has a list of accepted spellings. Unknown keys are
-ignored: a training YAML holds much more than the model.
+MindFormers keeps the model description under `model.model_config`; its config classes spell the same
+value differently (LlamaConfig `num_heads`/`n_kv_heads`/`theta`/`max_position_embedding`, ChatGLM2Config
+`multi_query_group_num`/`layernorm_epsilon`/`rope_ratio`/`padded_vocab_size`, mcore configs HF-style
+`num_key_value_heads`/`rope_theta`/`rms_norm_eps`), so each value has a list of accepted spellings, the
+first present one wins. The training topology (`parallel_config.model_parallel`) tells the source
+tensor-parallel size, which contiguous fused layouts depend on. Unknown keys are ignored: a training YAML
+holds much more than the model.
 """
 
 from __future__ import annotations
@@ -23,13 +27,20 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "num_query_groups": ("num_query_groups", "n_kv_heads", "num_key_value_heads", "multi_query_group_num"),
     "kv_channels": ("kv_channels", "head_dim"),
     "seq_length": ("seq_length",),
-    "max_position_embeddings": ("max_position_embeddings",),
-    "rotary_base": ("rotary_base", "rope_theta", "theta"),
+    "max_position_embeddings": ("max_position_embeddings", "max_position_embedding"),
+    "rotary_base": ("rotary_base", "rope_theta", "theta", "rotary_emb_base"),
+    "rotary_percent": ("rotary_percent", "rotary_pct", "partial_rotary_factor"),
+    "rotary_interleaved": ("rotary_interleaved",),
     "norm_epsilon": ("layernorm_epsilon", "rms_norm_eps", "norm_eps", "layer_norm_epsilon"),
     "add_bias_linear": ("add_bias_linear",),
     "qkv_bias": ("add_qkv_bias", "qkv_has_bias"),
     "qk_layernorm": ("qk_layernorm", "use_qk_norm", "qk_norm"),
+    "padded_vocab_size": ("vocab_size", "padded_vocab_size"),
 }
+"""Model value -> its spellings in MindFormers YAMLs (first present wins)."""
+
+GLM_ROPE_BASE = 10000.0
+"""ChatGLM2/GLM-4 (mindformers/models/glm2, glm2_modules.py): RoPE base = 10000 * rope_ratio."""
 
 
 def _model_section(doc: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +59,13 @@ def _first(section: dict[str, Any], names: tuple[str, ...]) -> Any:
     return None
 
 
-def _layouts(section: dict[str, Any]) -> LayoutConfig:
+def _source_tp(doc: dict[str, Any]) -> int | None:
+    parallel = doc.get("parallel_config")
+    value = parallel.get("model_parallel") if isinstance(parallel, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _layouts(section: dict[str, Any], doc: dict[str, Any]) -> LayoutConfig:
     qkv: QkvLayout | None = None
     for flag in ("use_contiguous_weight_layout_attention", "use_contiguous_weight_layout"):
         if isinstance(section.get(flag), bool):
@@ -57,7 +74,7 @@ def _layouts(section: dict[str, Any]) -> LayoutConfig:
     fc1: Fc1Layout | None = None
     if isinstance(section.get("use_interleaved_weight_layout_mlp"), bool):
         fc1 = Fc1Layout.INTERLEAVED if section["use_interleaved_weight_layout_mlp"] else Fc1Layout.GATE_UP
-    return LayoutConfig(qkv=qkv, fc1=fc1)
+    return LayoutConfig(qkv=qkv, fc1=fc1, source_tensor_parallel=_source_tp(doc))
 
 
 def _extras(section: dict[str, Any], values: dict[str, Any]) -> None:
@@ -66,14 +83,17 @@ def _extras(section: dict[str, Any], values: dict[str, Any]) -> None:
         values["untie_embeddings_and_output_weights"] = not tie
     if section.get("normalization") in {n.value for n in Normalization}:
         values["normalization"] = section["normalization"]
+    elif isinstance(section.get("rmsnorm"), bool):  # ChatGLM2Config
+        values["normalization"] = Normalization.RMSNORM if section["rmsnorm"] else Normalization.LAYERNORM
     if section.get("position_embedding_type") in ("rope", "learned_absolute"):
         values["position_embedding_type"] = section["position_embedding_type"]
-    if isinstance(section.get("vocab_size"), int):
-        values["padded_vocab_size"] = section["vocab_size"]
+    ratio = section.get("rope_ratio")
+    if "rotary_base" not in values and isinstance(ratio, int | float) and not isinstance(ratio, bool):
+        values["rotary_base"] = GLM_ROPE_BASE * ratio
 
 
 def read_yaml(path: Path) -> tuple[ModelOverrides, LayoutConfig]:
-    """The model values and layouts a MindFormers YAML states (missing ones stay None)."""
+    """The model values, facts and layouts a MindFormers YAML states (missing ones stay None)."""
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
@@ -88,6 +108,6 @@ def read_yaml(path: Path) -> tuple[ModelOverrides, LayoutConfig]:
             values[field] = value
     _extras(section, values)
     try:
-        return ModelOverrides(**values), _layouts(section)
+        return ModelOverrides(**values), _layouts(section, doc)
     except ValueError as e:
         raise UsageError(f"--config {path}: model_config values are invalid: {e}") from e

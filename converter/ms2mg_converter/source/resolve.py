@@ -76,7 +76,7 @@ def _classify(index: SourceIndex, ignore: tuple[str, ...]) -> tuple[
 
 def _choose(recipes: list[Recipe], layer: int | None,
             present: dict[tuple[str, int | None], TensorInfo]) -> Recipe | None:
-    usable = [r for r in recipes if all((s, layer) in present for s in r.sources)]
+    usable = [r for r in recipes if all((s, layer) in present for s in (*r.sources, *r.requires))]
     return max(usable, key=lambda r: len(r.sources), default=None)
 
 

@@ -8,6 +8,7 @@ bit for bit), so the memory used is a few chunks and windows, whatever the size 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import queue
@@ -161,8 +162,8 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None,
     """Yield (buffer, elements used) chunks that together are the entry's bytes, in row-major order.
 
     With `root`, every source file must resolve inside it (checked on the open descriptor)."""
-    width = entry.cols[1] - entry.cols[0] if entry.cols else entry.inputs[0].cols
-    cols = entry.cols or (0, entry.inputs[0].cols)
+    width = math.prod(entry.shape[1:])
+    cols = entry.cols or (0, width)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
         windows: list[SourceWindow] = []

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from ms2mg_converter.config import PadFill
 from ms2mg_converter.confine import check_source_path
 from ms2mg_converter.errors import SourceError
-from ms2mg_converter.layout import LayoutOp, Split, VocabResize, glu_parts
+from ms2mg_converter.layout import LayoutOp, Split, VocabResize, covered, glu_parts
 from ms2mg_converter.plan import Plan, TensorEntry, layout_op
 from ms2mg_converter.plan.target import split_of
 from ms2mg_converter.source.resolve import Logical, resolve
@@ -156,8 +156,8 @@ class ExpectedTensors:
         except (OSError, KeyError, ValueError) as e:
             raise SourceError(f"{logical.inputs[0].file}: cannot read {logical.name}'s source to verify it ({e}); "
                               "did the source change while converting?") from e
-        rows = sum(x.shape[0] for x in inputs)
-        out = self._scratch.empty((rows, *inputs[0].shape[1:]), dtype, slot=0)
+        shape = (covered(op.runs()), *(inputs[0].shape[1:] if inputs else ()))
+        out = self._scratch.empty(shape, dtype, slot=0)
         self._cache = (logical.name, op.apply(inputs, out=out))
         return self._cache[1]
 

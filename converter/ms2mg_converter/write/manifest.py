@@ -19,6 +19,7 @@ from ms2mg_converter import __version__
 from ms2mg_converter.config import ConvertConfig
 from ms2mg_converter.model.arch import Architecture
 from ms2mg_converter.plan import Plan, TensorEntry
+from ms2mg_converter.source.fingerprint import SourceFileDigest, content_matches, headers_match
 
 MANIFEST_NAME = "ms2mg-manifest.json"
 _HASH_BLOCK = 8 * 1024 * 1024
@@ -39,7 +40,7 @@ class SourceSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
-    files: list[dict[str, Any]]
+    files: list[SourceFileDigest]
     tensors: int
     bytes: int
     family: str
@@ -58,6 +59,8 @@ class Manifest(BaseModel):
     megatron_args: dict[str, Any]
     dropped_keys: list[str]
     ignored_keys: list[str]
+    defaulted: list[str] = []
+    """Model facts nothing stated, set to Megatron's defaults (see `model.facts`)."""
     files: list[OutputFile]
     verified: bool
     timings: dict[str, float]
@@ -68,15 +71,16 @@ def _args_json(args: dict[str, object]) -> dict[str, Any]:
 
 
 def build_manifest(plan: Plan, command: list[str], outputs: list[OutputFile], verified: bool,
-                   timings: dict[str, float]) -> Manifest:
+                   timings: dict[str, float], sources: list[SourceFileDigest]) -> Manifest:
     src = plan.source
     return Manifest(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         command=command, config=plan.config,
         source=SourceSummary(path=str(plan.config.load_dir), tensors=len(src.tensors), bytes=src.total_bytes,
-                             files=[{"path": str(f.path), "bytes": f.size} for f in src.files],
+                             files=sources,
                              family=plan.arch.family),
         architecture=plan.arch, megatron_args=_args_json(plan.args), dropped_keys=list(plan.dropped),
+        defaulted=list(plan.arch.defaulted),
         ignored_keys=list(plan.ignored), files=outputs, verified=verified, timings=timings)
 
 
@@ -150,9 +154,11 @@ class FileDigests:
 def matching_checkpoint(plan: Plan) -> Manifest | None:
     """The manifest at --save-dir when that checkpoint is exactly what `plan` would write, else None.
 
-    Same request (flags other than --overwrite/--verify), same source files and sizes, and every output file
-    still matching its sha256. This makes a rerun of a finished conversion (a retried Job whose pod died
-    after the commit) a success instead of a "destination not empty" error.
+    Same request (flags other than --overwrite/--verify), same source files, sizes and headers, every output
+    file still matching its sha256, and the source's content still matching its recorded digest (a new
+    checkpoint at the same path with the same sizes is converted again, not reported as done). This makes a
+    rerun of a finished conversion (a retried Job whose pod died after the commit) a success instead of a
+    "destination not empty" error.
     """
     dest = plan.config.save_dir
     if dest is None or not (dest / MANIFEST_NAME).is_file():
@@ -166,10 +172,12 @@ def matching_checkpoint(plan: Plan) -> Manifest | None:
     ignore = {"overwrite", "verify"}
     if manifest.config.model_dump(exclude=ignore) != plan.config.model_dump(exclude=ignore):
         return None
-    if manifest.source.files != [{"path": str(f.path), "bytes": f.size} for f in plan.source.files]:
+    if not headers_match(manifest.source.files, plan.source):
         return None
     for f in manifest.files:
         path = dest / f.path
         if not path.is_file() or path.stat().st_size != f.bytes or file_sha256(path) != f.sha256:
             return None
+    if not content_matches(manifest.source.files, plan.source, plan.config.source_digest):
+        return None
     return manifest

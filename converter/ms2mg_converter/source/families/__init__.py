@@ -6,7 +6,7 @@ below, and a fixture in tests/families/ (see docs/adding-a-model-family.md).
 Public names: `Family`, `Recipe`, `SourceMatcher`, `register`, `families`, `detect`, `is_dropped`.
 """
 
-from ms2mg_converter.source.families import legacy, mcore  # noqa: F401 - registers the families
+from ms2mg_converter.source.families import glm4, legacy, mcore, telechat2  # noqa: F401 - registers them
 from ms2mg_converter.source.families.base import Family, Recipe, SourceMatch, SourceMatcher, same
 from ms2mg_converter.source.families.dropped import DROPPED, is_dropped
 from ms2mg_converter.source.families.registry import detect, families, register

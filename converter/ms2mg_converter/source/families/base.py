@@ -9,7 +9,7 @@ lists each way; per layer the recipe whose sources are all present, and that use
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ms2mg_converter.layout import Copy, LayoutOp
 
@@ -19,6 +19,9 @@ class Recipe:
     target: str
     op: type[LayoutOp]
     sources: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+    """Source templates that must be present for this recipe to apply, without being read (a zero bias
+    synthesized only where the family has biases)."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,13 @@ class Family:
     description: str
     recipes: tuple[Recipe, ...]
     fused_qkv_default: str | None = None
-    """QKV layout of this family's fused tensor when the user gives none (None: the user must say)."""
+    """The only QKV layout this family's code writes (None: it varies by version, the user must say)."""
     fused_fc1_default: str | None = None
+    """The only fc1 layout this family's code writes (None: the user must say)."""
+    facts: dict[str, float | bool] = field(default_factory=dict)
+    """Model facts this family's architecture fixes (e.g. GLM-4's rotary_percent 0.5), cited in its module."""
+    layout_help: dict[str, str] = field(default_factory=dict)
+    """'qkv' / 'fc1' -> how this family's versions lay the fused tensor out (for the refusal message)."""
 
 
 def same(*targets: str, op: type[LayoutOp] = Copy) -> tuple[Recipe, ...]:
@@ -50,7 +58,7 @@ class SourceMatcher:
     """Finds which source template (and layer) a key belongs to, for one family."""
 
     def __init__(self, family: Family) -> None:
-        templates = sorted({s for r in family.recipes for s in r.sources})
+        templates = sorted({s for r in family.recipes for s in (*r.sources, *r.requires)})
         self._exact = {t for t in templates if "{layer}" not in t}
         self._patterns = [(t, template_regex(t)) for t in templates if "{layer}" in t]
 

@@ -1,13 +1,22 @@
-"""Keys that are never model weights: optimizer state and training bookkeeping (dropped and listed)."""
+"""Keys that are never model weights: optimizer state and training bookkeeping (dropped and listed).
+
+Optimizer spellings, from MindFormers mindformers/core/optim/ (read for facts): `adam_m.`/`adam_v.`
+(AdamWeightDecay-style moments; also Muon), `exp_avg.`/`exp_avg_sq.`/`max_exp_avg_sq.` (AdamW, FusedAdamW
+with amsgrad), `muon_m.` (Muon), `pma_weight_ema.`/`pma_weight_sma.` (PmaAdamW), CAME's `exp_avg.` plus
+`exp_avg_sq_row_<p>`, `exp_avg_sq_col_<p>`, `exp_avg_insta_row_<p>`, `exp_avg_insta_col_<p>`, `exp_avg_sq_<p>`
+(underscore, no dot) and `afactor_step`; `accu_grads.` (gradient accumulation) and `moments.` (Momentum).
+"""
 
 from __future__ import annotations
 
 import fnmatch
 
 DROPPED: tuple[str, ...] = (
-    "adam_m.*", "adam_v.*", "accu_grads.*", "moments.*", "*.moments.*",
+    "adam_m.*", "adam_v.*", "exp_avg.*", "exp_avg_sq.*", "max_exp_avg_sq.*", "muon_m.*", "pma_weight_*",
+    "exp_avg_sq_row_*", "exp_avg_sq_col_*", "exp_avg_insta_row_*", "exp_avg_insta_col_*", "exp_avg_sq_*",
+    "accu_grads.*", "moments.*", "*.moments.*",
     "global_step", "epoch_num", "step_num", "loss_scale", "scale_sense", "current_iterator_step",
-    "last_overflow_iterator_step", "learning_rate", "beta1_power", "beta2_power",
+    "last_overflow_iterator_step", "learning_rate", "beta1_power", "beta2_power", "afactor_step",
     "*dropout*", "*.inv_freq", "*max_logits_val*",
 )
 """Optimizer state and training bookkeeping found in MindFormers checkpoints: never model weights."""
