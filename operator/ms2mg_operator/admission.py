@@ -38,7 +38,7 @@ def policy_problem(spec: CheckpointConversionSpec, settings: OperatorSettings) -
                                           "MS2MG_ALLOWED_IMAGES, the chart's allowedImages)")
     account = spec.service_account_name
     if account is not None and not settings.service_account_allowed(account):
-        allowed = ", ".join(settings.allowed_service_accounts or [settings.converter_service_account])
+        allowed = ", ".join([settings.converter_service_account, *settings.allowed_service_accounts])
         return Reason.SERVICE_ACCOUNT_NOT_ALLOWED, (
             f"ServiceAccount {account} is not allowed by the operator (allowed: {allowed}; "
             "MS2MG_ALLOWED_SERVICE_ACCOUNTS, the chart's allowedServiceAccounts)")

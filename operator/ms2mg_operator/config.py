@@ -41,8 +41,8 @@ class OperatorSettings(BaseSettings):
                     "converter_image.")
     allowed_service_accounts: CommaList = Field(
         default_factory=list,
-        description="ServiceAccounts a spec.serviceAccountName may name, or * for any. Empty: only "
-                    "converter_service_account.")
+        description="ServiceAccounts a spec.serviceAccountName may name besides converter_service_account, or * "
+                    "for any. Empty: only converter_service_account.")
     default_resources: dict[str, JsonValue] = Field(
         default_factory=lambda: dict(DEFAULT_RESOURCES),
         description="Container resources when a resource gives no spec.resources.")
@@ -114,8 +114,9 @@ class OperatorSettings(BaseSettings):
         return [parse_pattern(parse_image(self.converter_image).repository)]
 
     def service_account_allowed(self, name: str) -> bool:
-        allowed = self.allowed_service_accounts or [self.converter_service_account]
-        return "*" in allowed or name in allowed
+        """The converter ServiceAccount always; others when listed (or `*`)."""
+        allowed = self.allowed_service_accounts
+        return name == self.converter_service_account or "*" in allowed or name in allowed
 
     @property
     def keys(self) -> Keys:

@@ -204,10 +204,13 @@ def _start_job(ctx: Context, conv: CheckpointConversion) -> None:
     reason = Reason.JOB_ADOPTED if adopted else Reason.JOB_CREATED
     acceptance = Acceptance(True, reason, f"Job {name} {'adopted' if adopted else 'created'} for "
                                           f"generation {meta.generation}.")
-    observation = Observation(job=job_info(job), verify=spec.verify, queued=spec.queue_name is not None)
+    pods = ctx.kube.list_pods(meta.namespace, ctx.settings.keys.conversion_uid, meta.uid) if adopted else []
+    observation = _observe(ctx, meta, spec, [job_info(job)],
+                           [pod_info(p, CONTAINER_NAME, ctx.settings.keys) for p in pods], None, read_log=adopted)
     new = derive_status(previous, generation=meta.generation, now=ctx.clock(), acceptance=acceptance,
                         observation=observation)
-    _commit(ctx, meta, previous, new)
+    running = observation.pod.name if observation.pod and observation.pod.phase == "Running" else None
+    _commit(ctx, meta, previous, new, running)
 
 
 def reconcile(ctx: Context, namespace: str, name: str) -> None:
@@ -250,13 +253,17 @@ def _reconcile(ctx: Context, body: Obj) -> None:
 
 
 def _follow_recorded_job(ctx: Context, conv: CheckpointConversion) -> None:
-    """The Job was created before (e.g. before a restart): adopt it, or record that it disappeared."""
-    meta = conv.metadata
-    job = ctx.kube.get_job(meta.namespace, job_name(meta))
-    observation = Observation(job=None if job is None else job_info(job), job_deleted=job is None,
-                              verify=conv.spec.verify, queued=conv.spec.queue_name is not None)
+    """The Job was created before (e.g. before a restart): follow it with its pods as they are now (no watch
+    event may come for a pod that just keeps running), or record that it disappeared."""
+    meta, name = conv.metadata, job_name(conv.metadata)
+    job = ctx.kube.get_job(meta.namespace, name)
+    pods = [] if job is None else ctx.kube.list_pods(meta.namespace, ctx.settings.keys.conversion_uid, meta.uid)
+    observation = _observe(ctx, meta, conv.spec, [] if job is None else [job_info(job)],
+                           [pod_info(p, CONTAINER_NAME, ctx.settings.keys) for p in pods],
+                           deleted_job=name if job is None else None, read_log=True)
     new = derive_status(conv.status, generation=meta.generation, now=ctx.clock(), observation=observation)
-    _commit(ctx, meta, conv.status, new)
+    running = observation.pod.name if observation.pod and observation.pod.phase == "Running" else None
+    _commit(ctx, meta, conv.status, new, running)
 
 
 def _validation_message(error: ValidationError) -> str:

@@ -49,7 +49,8 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, settings: OperatorSettings
     assert loaded.allowed_images == ["registry.example/*", "docker.io/ms2mg/converter@sha256:" + "a" * 64]
     assert [p.text for p in loaded.image_patterns] == loaded.allowed_images
     assert loaded.allowed_service_accounts == ["converter", "reader"]
-    assert loaded.service_account_allowed("reader") and not loaded.service_account_allowed("ms2mg-converter")
+    assert loaded.service_account_allowed("reader") and loaded.service_account_allowed("ms2mg-converter")
+    assert not loaded.service_account_allowed("default")
     assert (loaded.recheck_seconds, loaded.progress_seconds) == (7.0, 4.5)
     assert loaded.default_resources == {"limits": {"memory": "8Gi"}}
     assert loaded.default_ttl_seconds_after_finished == 60
