@@ -227,6 +227,8 @@ def test_least_privilege(env: Env, report: Callable[[str], None]) -> None:
     env.wait("d", has("Accepted", "False", "ParallelismMismatch"))
     env.operator.kill()  # resume: get the recorded Job
     env.operator.start()
+    wait_for(lambda: ("batch", "jobs", "get") in audit_verbs(env.cluster, env.operator_user), timeout=60,
+             what="the restarted operator reading the recorded Job (on.resume), before the spec changes")
     env.wait("a", has("Running", reason="Converting"))
     env.kubelet.hold_when(None)
     env.kubectl("patch", "ckptconv", "a", "--type=merge", "-p", '{"spec":{"parallelism":{"tensor":1}}}')  # delete Job

@@ -418,3 +418,17 @@ def test_deleted_job_event_marks_failure(ctx: Context, kube: FakeKube) -> None:
     reconcile(ctx, NAMESPACE, "llama")
     sync(ctx, NAMESPACE, "llama", UID, [], [], deleted_job=expected_job(body))
     assert conditions(kube)[-1] == ("Failed", "True", "JobDeleted")
+
+
+def test_cleanup_stops_the_poller_and_closes_the_api_client(kube: FakeKube, settings: OperatorSettings) -> None:
+    import kopf
+
+    from ms2mg_operator.handlers import CONTEXT_KEY, on_cleanup
+
+    closed: list[bool] = []
+    kube.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    ctx = Context(kube=kube, settings=settings, metrics=Metrics())
+    ctx.poller.start(lambda key, entry: None)
+    on_cleanup(memo=kopf.Memo({CONTEXT_KEY: ctx}))
+    assert closed == [True]
+    assert ctx.poller._thread is None
