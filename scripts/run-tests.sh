@@ -27,15 +27,23 @@ log "tests"
 report=$(mktemp -t ms2mg-junit.XXXXXX.xml)
 trap 'rm -f "$report"' EXIT
 .venv/bin/pytest -q -p no:cacheprovider --junitxml="$report" ${PYTEST_ARGS:-}
+# counts from the JUnit report; every skipped test is listed with its reason (MS2MG_STRICT_SKIPS=1, set by .ci/run,
+# turns skips into failures: tests/strict_skips.py)
 ran=$(.venv/bin/python - "$report" <<'PY'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root)
-print(sum(int(s.get("tests", 0)) - int(s.get("skipped", 0)) for s in suites))
+skipped = [(c.get("classname", "") + "::" + c.get("name", ""), s.get("message", ""))
+           for s_ in suites for c in s_.iter("testcase") for s in c.findall("skipped")]
+for name, why in skipped:
+    print(f"skipped: {name}: {why}", file=sys.stderr)
+total = sum(int(s.get("tests", 0)) for s in suites)
+print(f"{total - len(skipped)} {len(skipped)}")
 PY
 )
+read -r ran skipped <<<"$ran"
 if [ "$ran" -lt 1 ]; then
   echo "no test ran: failing" >&2
   exit 1
 fi
-log "done: $ran tests ran"
+log "done: $ran tests ran, $skipped skipped"

@@ -12,5 +12,6 @@ from tests.k8s.fixtures import (  # noqa: F401 - fixtures are registered by impo
     k8s_namespace,
     prepare_kubeconfig_env,
 )
+from tests.strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 - hooks
 
 prepare_kubeconfig_env()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, JsonValue, field_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ms2mg_operator import __version__
+from ms2mg_operator.images import ImageError, ImagePattern, parse_image, parse_pattern
+from ms2mg_operator.keys import Keys
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -34,7 +36,13 @@ class OperatorSettings(BaseSettings):
         default=None, description="imagePullPolicy of the converter container (unset: Kubernetes' default).")
     allowed_images: CommaList = Field(
         default_factory=list,
-        description="Prefixes a spec.image must start with (empty: any image is allowed).")
+        description="Image patterns a spec.image must match: a repository (any tag), REPO:TAG, REPO@DIGEST, "
+                    "PREFIX/* (every repository below PREFIX) or * (any image). Empty: only the repository of "
+                    "converter_image.")
+    allowed_service_accounts: CommaList = Field(
+        default_factory=list,
+        description="ServiceAccounts a spec.serviceAccountName may name besides converter_service_account, or * "
+                    "for any. Empty: only converter_service_account.")
     default_resources: dict[str, JsonValue] = Field(
         default_factory=lambda: dict(DEFAULT_RESOURCES),
         description="Container resources when a resource gives no spec.resources.")
@@ -63,11 +71,16 @@ class OperatorSettings(BaseSettings):
     api_timeout_seconds: float = Field(default=30.0, gt=0, description="Timeout of one API request.")
     recheck_seconds: float = Field(
         default=30.0, gt=0,
-        description="Delay before re-checking a missing PVC or a destination conflict, and of API retries.")
+        description="Interval of the re-checks of a resource that waits (a missing PVC, a destination used by an "
+                    "older resource, the previous generation's pods), and the delay of API retries.")
+    progress_seconds: float = Field(
+        default=15.0, gt=0,
+        description="Interval of the progress reads (pod log tail) while a converter pod runs; nothing is "
+                    "polled otherwise.")
     log_tail_lines: int = Field(default=20, ge=1, le=1000,
                                 description="Pod log lines read to find the last progress line.")
 
-    @field_validator("allowed_images", "watch_namespaces", mode="before")
+    @field_validator("allowed_images", "allowed_service_accounts", "watch_namespaces", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -82,6 +95,33 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _check_images(self) -> OperatorSettings:
+        try:
+            parse_image(self.converter_image)
+            for pattern in self.allowed_images:
+                parse_pattern(pattern)
+        except ImageError as e:
+            raise ValueError(str(e)) from e
+        return self
+
+    @property
+    def image_patterns(self) -> list[ImagePattern]:
+        """The allow-list of spec.image (default: the converter image's repository, any tag)."""
+        if self.allowed_images:
+            return [parse_pattern(p) for p in self.allowed_images]
+        return [parse_pattern(parse_image(self.converter_image).repository)]
+
+    def service_account_allowed(self, name: str) -> bool:
+        """The converter ServiceAccount always; others when listed (or `*`)."""
+        allowed = self.allowed_service_accounts
+        return name == self.converter_service_account or "*" in allowed or name in allowed
+
+    @property
+    def keys(self) -> Keys:
+        """Label and annotation keys under `label_prefix`."""
+        return Keys(self.label_prefix)
 
     @property
     def all_namespaces(self) -> bool:

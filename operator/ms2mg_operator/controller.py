@@ -1,9 +1,16 @@
-"""What the operator does for one `CheckpointConversion`: admit it and run its Job (`reconcile`), and follow
-the Job (`sync`). No kopf here: the handlers call these functions and translate their errors.
+"""What the operator does for one `CheckpointConversion`: admit it and run its Job (`reconcile`), follow the Job
+(`sync`), and the periodic work of the poller (`poll`). No kopf here: the handlers call these functions and
+translate their errors.
 
 Every status write goes through `_commit` under a per-resource lock, after a fresh GET of the resource, so
-the create/update handlers, the Job and pod watches and the timer never overwrite each other with stale
-conditions. Writes are merge-patches of `.status` holding the whole conditions list.
+the create/update handlers, the Job and pod watches and the poller never overwrite each other with stale
+conditions. Writes are merge-patches of `.status` holding the whole conditions list. After each derivation
+`_schedule` tells the poller what the resource needs: progress reads while a pod runs, re-checks while it
+waits, nothing otherwise.
+
+A new generation never runs beside an older one: the older generations' Jobs are deleted in the foreground, and
+the new Job is created only once they are gone and no pod of theirs is left (`Accepted=False
+WaitingForPreviousJob` meanwhile; their Job and pod deletion events bring the next check).
 """
 
 from __future__ import annotations
@@ -16,8 +23,7 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from ms2mg_converter.checks import parallelism_problems
-from ms2mg_converter.config import ModelOverrides
+from ms2mg_operator.admission import admission_problem, policy_problem
 from ms2mg_operator.api.v1alpha1 import (
     API_VERSION,
     KIND,
@@ -26,17 +32,27 @@ from ms2mg_operator.api.v1alpha1 import (
     CheckpointConversionStatus,
     ConditionType,
     ObjectMeta,
-    paths_overlap,
+    Phase,
 )
 from ms2mg_operator.config import OperatorSettings
 from ms2mg_operator.jobs import CONTAINER_NAME, job_name, render_job
 from ms2mg_operator.kube import JobOwnershipError, KubeClient, PermanentApiError
 from ms2mg_operator.metrics import Metrics
-from ms2mg_operator.observe import Observation, job_info, last_progress, newest_pod, pod_info
+from ms2mg_operator.observe import (
+    JobInfo,
+    Observation,
+    PodInfo,
+    job_info,
+    last_progress,
+    newest_pod,
+    pod_info,
+)
+from ms2mg_operator.poller import Entry, Key, Poller, Task
 from ms2mg_operator.status import (
     Acceptance,
     Reason,
     acceptance_changed,
+    awaits_recheck,
     derive_status,
     is_accepted,
     is_terminal,
@@ -61,21 +77,17 @@ class Context:
     settings: OperatorSettings
     metrics: Metrics
     clock: Callable[[], datetime] = utc_now
+    poller: Poller = field(init=False)
     _locks: tuple[threading.Lock, ...] = field(
         default_factory=lambda: tuple(threading.Lock() for _ in range(LOCK_STRIPES)))
+
+    def __post_init__(self) -> None:
+        self.poller = Poller({Task.PROGRESS: self.settings.progress_seconds,
+                              Task.RECHECK: self.settings.recheck_seconds})
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         """A lock per resource (striped: bounded memory, rare harmless sharing)."""
         return self._locks[hash((namespace, name)) % LOCK_STRIPES]
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Job and pod dicts of one resource (from the kopf indexes) and a Job just seen deleted."""
-
-    jobs: Sequence[Obj] = ()
-    pods: Sequence[Obj] = ()
-    deleted_job: str | None = None
 
 
 def parse_status(body: Obj) -> CheckpointConversionStatus | None:
@@ -86,13 +98,14 @@ def parse_status(body: Obj) -> CheckpointConversionStatus | None:
     try:
         return CheckpointConversionStatus.model_validate(raw)
     except ValidationError:
-        logger.warning("Ignoring an unreadable status of %s", _meta_name(body))
+        logger.warning("Ignoring an unreadable status of %s", _get(body, "metadata", "name"))
         return None
 
 
-def _meta_name(body: Obj) -> str:
-    meta = body.get("metadata")
-    return str(meta.get("name")) if isinstance(meta, Mapping) else "?"
+def _get(obj: object, *path: str) -> object:
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
+    return obj
 
 
 def _involved(meta: ObjectMeta) -> dict[str, object]:
@@ -100,13 +113,26 @@ def _involved(meta: ObjectMeta) -> dict[str, object]:
             "uid": meta.uid}
 
 
+def _schedule(ctx: Context, meta: ObjectMeta, new: CheckpointConversionStatus, running_pod: str | None) -> None:
+    """Tell the poller what the resource needs now (see poller.py)."""
+    key = (meta.namespace, meta.name)
+    if awaits_recheck(new, meta.generation):
+        ctx.poller.want(key, Task.RECHECK, meta.uid)
+    elif new.phase == Phase.RUNNING and new.observed_generation == meta.generation:
+        ctx.poller.want(key, Task.PROGRESS, meta.uid, running_pod)  # no pod named: keep the one scheduled
+    else:
+        ctx.poller.forget(key)
+
+
 def _commit(ctx: Context, meta: ObjectMeta, previous: CheckpointConversionStatus | None,
-            new: CheckpointConversionStatus) -> None:
-    """Write the status if it changed; post Events and count outcomes on transitions."""
+            new: CheckpointConversionStatus, running_pod: str | None = None) -> None:
+    """Schedule the follow-up; write the status if it changed; post Events and count outcomes on transitions."""
+    _schedule(ctx, meta, new, running_pod)
     if previous is not None and new == previous:
         return
     status = new.model_dump(mode="json", by_alias=True)
     if not ctx.kube.patch_conversion_status(meta.namespace, meta.name, status):
+        ctx.poller.forget((meta.namespace, meta.name))
         return
     changed = acceptance_changed(previous, new)
     if changed is not None:
@@ -140,62 +166,26 @@ def _reject(ctx: Context, meta: ObjectMeta, previous: CheckpointConversionStatus
     _commit(ctx, meta, previous, new)
 
 
-def _destination_conflict(ctx: Context, conv: CheckpointConversion) -> str | None:
-    """The name of an older resource of the namespace writing an overlapping destination, if any."""
-    mine = conv.spec.destination
-    created = conv.metadata.creation_timestamp or utc_now()
-    for other in ctx.kube.list_conversions(conv.metadata.namespace):
-        try:
-            meta = ObjectMeta.model_validate(other.get("metadata"))
-            spec = CheckpointConversionSpec.model_validate(other.get("spec"))
-        except ValidationError:
-            continue  # an invalid resource never runs, so it claims nothing
-        if meta.uid == conv.metadata.uid or spec.destination.pvc != mine.pvc:
-            continue
-        theirs = (meta.creation_timestamp or created, meta.name)
-        if paths_overlap(spec.destination.path, mine.path) and theirs < (created, conv.metadata.name):
-            return meta.name
-    return None
-
-
-def admission_problem(ctx: Context, conv: CheckpointConversion) -> tuple[str, str] | None:
-    """Why the resource cannot run now (reason, message), checked cheapest first; None when it can."""
-    spec, settings = conv.spec, ctx.settings
-    image = spec.image or settings.converter_image
-    if settings.allowed_images and not any(image.startswith(p) for p in settings.allowed_images):
-        return Reason.IMAGE_NOT_ALLOWED, (f"image {image} does not start with an allowed prefix "
-                                          f"({', '.join(settings.allowed_images)})")
-    model = spec.model.to_overrides() if spec.model is not None else ModelOverrides()
-    problems = parallelism_problems(model, spec.parallelism.tensor, spec.parallelism.pipeline)
-    if problems:
-        return Reason.PARALLELISM_MISMATCH, "; ".join(problems)
-    other = _destination_conflict(ctx, conv)
-    if other is not None:
-        return Reason.DESTINATION_CONFLICT, (
-            f"destination {spec.destination.pvc}:{spec.destination.path} is also written by the older "
-            f"CheckpointConversion {other}; this one starts when that one is deleted")
-    for reason, pvc in ((Reason.SOURCE_PVC_NOT_FOUND, spec.source.pvc),
-                        (Reason.DESTINATION_PVC_NOT_FOUND, spec.destination.pvc)):
-        if not ctx.kube.pvc_exists(conv.metadata.namespace, pvc):
-            return reason, f"PersistentVolumeClaim {conv.metadata.namespace}/{pvc} does not exist"
-    return None
-
-
-def _remove_stale_jobs(ctx: Context, meta: ObjectMeta) -> None:
-    """Delete this resource's Jobs of other generations (a spec change stops the running Job)."""
-    current = job_name(meta)
-    uid_label = f"{ctx.settings.label_prefix}/conversion-uid"
-    for job in ctx.kube.list_jobs(meta.namespace, uid_label, meta.uid):
+def _older_runs(ctx: Context, meta: ObjectMeta) -> list[str]:
+    """What is left of earlier generations: their Jobs (deleted here, in the foreground, if they are not being
+    deleted already) and, once those are gone, any of their pods that has not finished."""
+    current, keys = job_name(meta), ctx.settings.keys
+    left: list[str] = []
+    for job in ctx.kube.list_jobs(meta.namespace, keys.conversion_uid, meta.uid):
         name = str(_get(job, "metadata", "name") or "")
-        if name and name != current:
+        if not name or name == current:
+            continue
+        if not _get(job, "metadata", "deletionTimestamp"):
             logger.info("Deleting Job %s/%s of an earlier generation of %s", meta.namespace, name, meta.name)
             ctx.kube.delete_job(meta.namespace, name)
-
-
-def _get(obj: object, *path: str) -> object:
-    for key in path:
-        obj = obj.get(key) if isinstance(obj, Mapping) else None
-    return obj
+        left.append(f"Job {name}")
+    if left or meta.generation == 1:  # a first generation has no predecessors (a re-created resource: new uid)
+        return left
+    for pod in ctx.kube.list_pods(meta.namespace, keys.conversion_uid, meta.uid):
+        info = pod_info(pod, CONTAINER_NAME, keys)
+        if info.generation != meta.generation and not info.finished:
+            left.append(f"pod {info.name}")
+    return left
 
 
 def _start_job(ctx: Context, conv: CheckpointConversion) -> None:
@@ -214,50 +204,66 @@ def _start_job(ctx: Context, conv: CheckpointConversion) -> None:
     reason = Reason.JOB_ADOPTED if adopted else Reason.JOB_CREATED
     acceptance = Acceptance(True, reason, f"Job {name} {'adopted' if adopted else 'created'} for "
                                           f"generation {meta.generation}.")
-    observation = Observation(job=job_info(job, ctx.settings.label_prefix), verify=spec.verify,
-                              queued=spec.queue_name is not None)
+    pods = ctx.kube.list_pods(meta.namespace, ctx.settings.keys.conversion_uid, meta.uid) if adopted else []
+    observation = _observe(ctx, meta, spec, [job_info(job)],
+                           [pod_info(p, CONTAINER_NAME, ctx.settings.keys) for p in pods], None, read_log=adopted)
     new = derive_status(previous, generation=meta.generation, now=ctx.clock(), acceptance=acceptance,
                         observation=observation)
-    _commit(ctx, meta, previous, new)
+    running = observation.pod.name if observation.pod and observation.pod.phase == "Running" else None
+    _commit(ctx, meta, previous, new, running)
 
 
 def reconcile(ctx: Context, namespace: str, name: str) -> None:
     """Bring the resource's current generation to a running (or recorded) state. Idempotent."""
     with ctx.lock(namespace, name):
         body = ctx.kube.get_conversion(namespace, name)
-        if body is None or _get(body, "metadata", "deletionTimestamp"):
+        if body is None:
+            ctx.poller.forget((namespace, name))
             return
-        meta = ObjectMeta.model_validate(body.get("metadata"))
-        previous = parse_status(body)
-        if is_terminal(previous, meta.generation):
-            return
-        _remove_stale_jobs(ctx, meta)
-        try:
-            spec = CheckpointConversionSpec.model_validate(body.get("spec"))
-        except ValidationError as e:
-            _reject(ctx, meta, previous, Reason.INVALID_SPEC, _validation_message(e))
-            return
-        conv = CheckpointConversion(metadata=meta, spec=spec,
-                                    status=previous or CheckpointConversionStatus())
-        if is_accepted(previous, meta.generation) and previous and previous.job_name == job_name(meta):
-            _follow_recorded_job(ctx, conv)
-            return
-        problem = admission_problem(ctx, conv)
-        if problem is not None:
-            _reject(ctx, meta, previous, *problem)
-            return
-        _start_job(ctx, conv)
+        _reconcile(ctx, body)
+
+
+def _reconcile(ctx: Context, body: Obj) -> None:
+    if _get(body, "metadata", "deletionTimestamp"):
+        return
+    meta = ObjectMeta.model_validate(body.get("metadata"))
+    previous = parse_status(body)
+    if is_terminal(previous, meta.generation):
+        ctx.poller.forget((meta.namespace, meta.name))
+        return
+    older = _older_runs(ctx, meta)  # first: even a rejected new spec stops the outdated Job
+    try:
+        spec = CheckpointConversionSpec.model_validate(body.get("spec"))
+    except ValidationError as e:
+        _reject(ctx, meta, previous, Reason.INVALID_SPEC, _validation_message(e))
+        return
+    conv = CheckpointConversion(metadata=meta, spec=spec, status=previous or CheckpointConversionStatus())
+    if is_accepted(previous, meta.generation) and previous and previous.job_name == job_name(meta):
+        _follow_recorded_job(ctx, conv)
+        return
+    problem = policy_problem(spec, ctx.settings) if older else admission_problem(ctx.kube, ctx.settings, conv)
+    if problem is None and older:
+        problem = Reason.WAITING_FOR_PREVIOUS_JOB, (
+            f"generation {meta.generation} starts when nothing of the earlier ones runs any more; waiting for "
+            f"{', '.join(older)} to be gone (deleted in the foreground)")
+    if problem is not None:
+        _reject(ctx, meta, previous, *problem)
+        return
+    _start_job(ctx, conv)
 
 
 def _follow_recorded_job(ctx: Context, conv: CheckpointConversion) -> None:
-    """The Job was created before (e.g. before a restart): adopt it, or record that it disappeared."""
-    meta = conv.metadata
-    job = ctx.kube.get_job(meta.namespace, job_name(meta))
-    observation = Observation(job=None if job is None else job_info(job, ctx.settings.label_prefix),
-                              job_deleted=job is None, verify=conv.spec.verify,
-                              queued=conv.spec.queue_name is not None)
+    """The Job was created before (e.g. before a restart): follow it with its pods as they are now (no watch
+    event may come for a pod that just keeps running), or record that it disappeared."""
+    meta, name = conv.metadata, job_name(conv.metadata)
+    job = ctx.kube.get_job(meta.namespace, name)
+    pods = [] if job is None else ctx.kube.list_pods(meta.namespace, ctx.settings.keys.conversion_uid, meta.uid)
+    observation = _observe(ctx, meta, conv.spec, [] if job is None else [job_info(job)],
+                           [pod_info(p, CONTAINER_NAME, ctx.settings.keys) for p in pods],
+                           deleted_job=name if job is None else None, read_log=True)
     new = derive_status(conv.status, generation=meta.generation, now=ctx.clock(), observation=observation)
-    _commit(ctx, meta, conv.status, new)
+    running = observation.pod.name if observation.pod and observation.pod.phase == "Running" else None
+    _commit(ctx, meta, conv.status, new, running)
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -265,42 +271,76 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(parts)[:2048]
 
 
-def sync(ctx: Context, namespace: str, name: str, uid: str, observed: Observed) -> None:
-    """Derive and write the status from the generation's Job and newest pod (and its progress line)."""
+def sync(ctx: Context, namespace: str, name: str, uid: str, jobs: Sequence[JobInfo], pods: Sequence[PodInfo],
+         deleted_job: str | None = None) -> None:
+    """Derive and write the status from the generation's Job and newest pod (and its progress line), given the
+    resource's Jobs and pods as the watches show them (`deleted_job`: a Job just seen deleted)."""
     with ctx.lock(namespace, name):
         body = ctx.kube.get_conversion(namespace, name)
         if body is None:
+            ctx.poller.forget((namespace, name))
+            return
+        if _get(body, "metadata", "uid") != uid:
+            return
+        meta = ObjectMeta.model_validate(body.get("metadata"))
+        previous = parse_status(body)
+        if awaits_recheck(previous, meta.generation):  # e.g. an older generation's Job or pod just went away
+            _reconcile(ctx, body)
             return
         try:
-            meta = ObjectMeta.model_validate(body.get("metadata"))
             spec = CheckpointConversionSpec.model_validate(body.get("spec"))
         except ValidationError:
             return  # reconcile reports invalid specs
-        if meta.uid != uid:
-            return
-        previous = parse_status(body)
         if not is_accepted(previous, meta.generation):
             return
-        observation = _observe(ctx, meta, spec, observed, read_log=not is_terminal(previous, meta.generation))
+        observation = _observe(ctx, meta, spec, jobs, pods, deleted_job,
+                               read_log=not is_terminal(previous, meta.generation))
         new = derive_status(previous, generation=meta.generation, now=ctx.clock(), observation=observation)
-        _commit(ctx, meta, previous, new)
+        running = observation.pod.name if observation.pod and observation.pod.phase == "Running" else None
+        _commit(ctx, meta, previous, new, running)
 
 
-def _observe(ctx: Context, meta: ObjectMeta, spec: CheckpointConversionSpec, observed: Observed, *,
-             read_log: bool = True) -> Observation:
+def _observe(ctx: Context, meta: ObjectMeta, spec: CheckpointConversionSpec, jobs: Sequence[JobInfo],
+             pods: Sequence[PodInfo], deleted_job: str | None, *, read_log: bool) -> Observation:
     """What the generation's Job and newest pod show. The pod log is read for the progress line while the
     container runs, and once more when it has terminated (until the status is terminal), so that the final
-    progress ("112/112") is recorded rather than the last value a timer happened to see."""
+    progress ("112/112") is recorded rather than the last value the poller happened to see."""
     expected = job_name(meta)
-    prefix = ctx.settings.label_prefix
-    job = next((job_info(j, prefix) for j in observed.jobs if _get(j, "metadata", "name") == expected), None)
-    gen_label = f"{prefix}/generation"
-    pods = [pod_info(p, CONTAINER_NAME) for p in observed.pods
-            if _get(p, "metadata", "labels", gen_label) == str(meta.generation)]
-    pod = newest_pod(pods)
+    job = next((j for j in jobs if j.name == expected), None)
+    pod = newest_pod([p for p in pods if p.generation == meta.generation])
     progress = None
     if pod is not None and read_log and pod.phase in ("Running", "Succeeded", "Failed"):
-        tail = ctx.kube.read_log_tail(meta.namespace, pod.name, CONTAINER_NAME, ctx.settings.log_tail_lines)
-        progress = last_progress(tail)
-    return Observation(job=job, job_deleted=job is None and observed.deleted_job == expected, pod=pod,
+        progress = last_progress(ctx.kube.read_log_tail(meta.namespace, pod.name, CONTAINER_NAME,
+                                                        ctx.settings.log_tail_lines))
+    return Observation(job=job, job_deleted=job is None and deleted_job == expected, pod=pod,
                        progress=progress, verify=spec.verify, queued=spec.queue_name is not None)
+
+
+def refresh_progress(ctx: Context, namespace: str, name: str, uid: str, pod: str) -> None:
+    """The poller's progress read: the running pod's last progress line into `status.progress`."""
+    with ctx.lock(namespace, name):
+        body = ctx.kube.get_conversion(namespace, name)
+        if body is None or _get(body, "metadata", "uid") != uid:
+            ctx.poller.forget((namespace, name))
+            return
+        meta = ObjectMeta.model_validate(body.get("metadata"))
+        previous = parse_status(body)
+        if previous is None or previous.phase != Phase.RUNNING or previous.observed_generation != meta.generation:
+            _schedule(ctx, meta, previous or CheckpointConversionStatus(), None)
+            return
+        tail = ctx.kube.read_log_tail(namespace, pod, CONTAINER_NAME, ctx.settings.log_tail_lines)
+        progress = last_progress(tail)
+        if progress is None:
+            return
+        new = derive_status(previous, generation=meta.generation, now=ctx.clock(),
+                            observation=Observation(job=None, progress=progress))
+        _commit(ctx, meta, previous, new, pod)
+
+
+def poll(ctx: Context, key: Key, entry: Entry) -> None:
+    """One due entry of the poller."""
+    namespace, name = key
+    if entry.task == Task.PROGRESS and entry.pod is not None:
+        refresh_progress(ctx, namespace, name, entry.uid, entry.pod)
+    else:
+        reconcile(ctx, namespace, name)

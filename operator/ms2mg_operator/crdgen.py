@@ -59,9 +59,13 @@ CHART_METADATA = (
     "  {{- end }}\n"
 )
 
+READY = '?(@.type=="Ready")'
 PRINTER_COLUMNS: list[JsonDict] = [
-    {"name": "Status", "type": "string", "jsonPath": ".status.conditions[-1:].reason",
-     "description": "Reason of the latest condition (conditions are kept in the order they are reached)."},
+    {"name": "Status", "type": "string", "jsonPath": ".status.phase",
+     "description": "Phase of the observed generation: Waiting, Rejected, Queued, Pending, Running, Succeeded or "
+                    "Failed."},
+    {"name": "Reason", "type": "string", "jsonPath": f".status.conditions[{READY}].reason",
+     "description": "Reason of the Ready condition: the most specific word for the state."},
     {"name": "TP", "type": "integer", "jsonPath": ".spec.parallelism.tensor",
      "description": "Tensor-parallel size of the output."},
     {"name": "PP", "type": "integer", "jsonPath": ".spec.parallelism.pipeline",
@@ -71,8 +75,8 @@ PRINTER_COLUMNS: list[JsonDict] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1,
      "description": "The Job of the observed generation."},
-    {"name": "Message", "type": "string", "jsonPath": ".status.conditions[-1:].message", "priority": 1,
-     "description": "Message of the latest condition."},
+    {"name": "Message", "type": "string", "jsonPath": f".status.conditions[{READY}].message", "priority": 1,
+     "description": "Message of the Ready condition."},
 ]
 
 

@@ -1,14 +1,17 @@
 """kopf wiring: thin typed handlers that call `controller` and translate its errors.
 
 * startup: kopf settings (standalone, progress/diff-base in `ms2mg.io/` annotations so `.status` holds only
-  our model, own finalizer name, timeouts, server-side label selectors for Jobs and pods), the API client,
-  the /metrics server.
+  our model, timeouts, server-side label selectors for Jobs and pods), the API client, the /metrics server and
+  the poller thread; cleanup stops them and closes the API client.
 * create / resume / update(spec) of a CheckpointConversion -> `controller.reconcile`.
-* indexes of our Jobs and pods (by conversion uid) and `on.event` handlers on them -> `controller.sync`:
-  the status follows the Job and pod watch streams, with no per-object polling.
-* a timer, only while a conversion is active or waits for a re-check (missing PVC, destination in use):
-  it reads the progress line from the pod log (logs have no watch events) and re-runs admission. kopf puts
-  its finalizer on a resource only while such a timer runs.
+* indexes of our Jobs and pods (by conversion uid, parsed to `JobInfo`/`PodInfo`) and `on.event` handlers on
+  them -> `controller.sync`: the status follows the Job and pod watch streams.
+* `on.event` of CheckpointConversions: a deletion makes the resources of its namespace that wait for a
+  destination re-check at once, and drops the deleted one from the poller.
+* No timers and no daemons: kopf would put its finalizer on every resource they match, and a resource deleted
+  while the operator is down would then hang. The periodic work (progress reads while a pod runs, re-checks while
+  a resource waits) is the controller's poller (poller.py). So the operator sets no finalizer; kopf removes the
+  one older versions set (`ms2mg.io/kopf-finalizer`) from every resource it handles.
 
 Errors: `TransientApiError` -> `kopf.TemporaryError(delay=...)`; any other `ApiError` -> `kopf.PermanentError`.
 Handlers return None: status is written by the controller, never through kopf's handler results.
@@ -20,19 +23,22 @@ registers on kopf's default registry, which `kopf run -m ms2mg_operator.handlers
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import kopf
 
 from ms2mg_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from ms2mg_operator.config import OperatorSettings
-from ms2mg_operator.controller import Context, Observed, parse_status, reconcile, sync
-from ms2mg_operator.jobs import MANAGED_BY
+from ms2mg_operator.controller import Context, poll, reconcile, sync
+from ms2mg_operator.jobs import CONTAINER_NAME
+from ms2mg_operator.keys import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR
 from ms2mg_operator.kube import ApiError, KubeClient, TransientApiError
 from ms2mg_operator.metrics import Metrics
-from ms2mg_operator.status import awaits_recheck, is_accepted, is_terminal
+from ms2mg_operator.observe import JobInfo, PodInfo, job_info, pod_info
+from ms2mg_operator.poller import Task
 
 CONTEXT_KEY = "ms2mg_context"
 SETTINGS_KEY = "ms2mg_settings"
@@ -41,11 +47,10 @@ KUBE_KEY = "ms2mg_kube"
 CONVERSIONS = (GROUP, VERSION, PLURAL)
 JOBS = ("batch/v1", "jobs")
 PODS = ("v1", "pods")
-MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
-POLL_INTERVAL = 15.0
+MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 IndexKey = tuple[str, str]
-Compact = dict[str, object]
-ObjIndex = kopf.Index[IndexKey, Compact]
+JobIndex = kopf.Index[IndexKey, JobInfo]
+PodIndex = kopf.Index[IndexKey, PodInfo]
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +75,20 @@ def _kopf_errors() -> Iterator[None]:
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
     """kopf's own settings (only ever changed here, at start-up)."""
-    prefix = ours.label_prefix
+    keys = ours.keys
     settings.peering.standalone = True
-    settings.persistence.finalizer = f"{prefix}/kopf-finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration")
+    settings.persistence.finalizer = keys.finalizer  # none is set; kopf removes this one where it is left over
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=keys.prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=keys.prefix,
+                                                                             key=keys.last_handled)
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 210
     settings.watching.client_timeout = 240
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 30
-    selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-    settings.watching.label_selectors[JOBS] = selector
-    settings.watching.label_selectors[PODS] = selector
+    settings.watching.label_selectors[JOBS] = MANAGED_SELECTOR
+    settings.watching.label_selectors[PODS] = MANAGED_SELECTOR
 
 
 def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -97,13 +101,17 @@ def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> No
     metrics = Metrics()
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
-    memo[CONTEXT_KEY] = Context(kube=kube, settings=ours, metrics=metrics)
+    ctx = Context(kube=kube, settings=ours, metrics=metrics)
+    ctx.poller.start(partial(poll, ctx))
+    memo[CONTEXT_KEY] = ctx
 
 
 def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     ctx = memo.get(CONTEXT_KEY)
     if isinstance(ctx, Context):
+        ctx.poller.stop()
         ctx.metrics.stop()
+        ctx.kube.close()
 
 
 def reconcile_conversion(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
@@ -111,127 +119,87 @@ def reconcile_conversion(name: str, namespace: str | None, memo: kopf.Memo, **_:
         reconcile(_context(memo), namespace or "", name)
 
 
-def _uid_label(memo: kopf.Memo) -> str:
-    return f"{_context(memo).settings.label_prefix}/conversion-uid"
+def on_conversion_event(type: str, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted resource frees its destination: the waiting resources of its namespace re-check now."""
+    if type != "DELETED":
+        return
+    ctx = _context(memo)
+    ctx.poller.forget((namespace or "", name))
+    ctx.poller.kick(namespace or "", Task.RECHECK)
 
 
 def index_jobs(body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo,
-               **_: Any) -> dict[IndexKey, Compact]:
-    """Our Jobs by (namespace, conversion uid): only the fields the status needs."""
-    uid = labels.get(_uid_label(memo))
-    if not uid:
-        return {}
-    meta = body.get("metadata", {})
-    compact: Compact = {
-        "metadata": {"name": meta.get("name"), "labels": dict(labels),
-                     "ownerReferences": list(meta.get("ownerReferences") or [])},
-        "spec": {"suspend": body.get("spec", {}).get("suspend")},
-        "status": dict(body.get("status") or {}),
-    }
-    return {(namespace or "", uid): compact}
+               **_: Any) -> dict[IndexKey, JobInfo]:
+    """Our Jobs by (namespace, conversion uid): the facts the status needs."""
+    uid = labels.get(_context(memo).settings.keys.conversion_uid)
+    return {(namespace or "", uid): job_info(body)} if uid else {}
 
 
 def index_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo,
-               **_: Any) -> dict[IndexKey, Compact]:
-    """Our pods by (namespace, conversion uid): phase and container states."""
-    uid = labels.get(_uid_label(memo))
-    if not uid:
-        return {}
-    meta, status = body.get("metadata", {}), body.get("status", {})
-    compact: Compact = {
-        "metadata": {"name": meta.get("name"), "labels": dict(labels),
-                     "annotations": dict(meta.get("annotations") or {}),
-                     "creationTimestamp": meta.get("creationTimestamp")},
-        "status": {"phase": status.get("phase"),
-                   "containerStatuses": list(status.get("containerStatuses") or [])},
-    }
-    return {(namespace or "", uid): compact}
+               **_: Any) -> dict[IndexKey, PodInfo]:
+    """Our pods by (namespace, conversion uid): phase, generation and the converter container's state."""
+    keys = _context(memo).settings.keys
+    uid = labels.get(keys.conversion_uid)
+    return {(namespace or "", uid): pod_info(body, CONTAINER_NAME, keys)} if uid else {}
 
 
-def _observed(key: IndexKey, jobs: ObjIndex | None, pods: ObjIndex | None,
-              deleted_job: str | None = None, deleted_pod: str | None = None) -> Observed:
-    job_list = [j for j in (jobs.get(key, ()) if jobs is not None else ()) if _name(j) != deleted_job]
-    pod_list = [p for p in (pods.get(key, ()) if pods is not None else ()) if _name(p) != deleted_pod]
-    return Observed(jobs=job_list, pods=pod_list, deleted_job=deleted_job)
+def _listed(index: kopf.Index[IndexKey, Any] | None, key: IndexKey, skip: str) -> list[Any]:
+    """The index's entries for `key`, except the one named `skip` (the event's own object)."""
+    return [o for o in (index.get(key, ()) if index is not None else ()) if o.name != skip]
 
 
-def _name(obj: Mapping[str, object]) -> object:
-    meta = obj.get("metadata")
-    return meta.get("name") if isinstance(meta, dict) else None
-
-
-def _sync_quietly(ctx: Context, namespace: str, name: str, uid: str, observed: Observed) -> None:
-    """Event handlers are not retried by kopf: log API errors; the next event or the timer catches up."""
+def _sync_quietly(ctx: Context, namespace: str, name: str, uid: str, jobs: Sequence[JobInfo],
+                  pods: Sequence[PodInfo], deleted_job: str | None = None) -> None:
+    """Event handlers are not retried by kopf: log API errors; the next event or the poller catches up."""
     try:
-        sync(ctx, namespace, name, uid, observed)
+        sync(ctx, namespace, name, uid, jobs, pods, deleted_job)
     except ApiError as e:
         logger.warning("Status of %s/%s not updated (will catch up): %s", namespace, name, e)
 
 
 def on_job_event(type: str, body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo,
-                 index_jobs: ObjIndex | None = None, index_pods: ObjIndex | None = None, **_: Any) -> None:
+                 index_jobs: JobIndex | None = None, index_pods: PodIndex | None = None, **_: Any) -> None:
     ctx = _context(memo)
     namespace = namespace or ""
-    uid = labels.get(f"{ctx.settings.label_prefix}/conversion-uid")
+    uid = labels.get(ctx.settings.keys.conversion_uid)
     owner = next((ref for ref in body.metadata.get("ownerReferences") or []
                   if ref.get("uid") == uid and ref.get("controller")), None)
     if not uid or owner is None:
         return
     name = str(body.metadata.get("name"))
-    deleted = name if type == "DELETED" else None
-    observed = _observed((namespace, uid), index_jobs, index_pods, deleted_job=deleted)
-    if deleted is None:  # the event's body is the freshest view of this Job
-        observed = Observed(jobs=[*(j for j in observed.jobs if _name(j) != name), dict(body)],
-                            pods=observed.pods)
-    _sync_quietly(ctx, namespace, str(owner.get("name")), uid, observed)
+    jobs: list[JobInfo] = _listed(index_jobs, (namespace, uid), name)
+    if type != "DELETED":  # the event's body is the freshest view of this Job
+        jobs.append(job_info(body))
+    pods: list[PodInfo] = _listed(index_pods, (namespace, uid), "")
+    _sync_quietly(ctx, namespace, str(owner.get("name")), uid, jobs, pods,
+                  deleted_job=name if type == "DELETED" else None)
 
 
 def on_pod_event(type: str, body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo,
-                 index_jobs: ObjIndex | None = None, index_pods: ObjIndex | None = None, **_: Any) -> None:
+                 index_jobs: JobIndex | None = None, index_pods: PodIndex | None = None, **_: Any) -> None:
     ctx = _context(memo)
     namespace = namespace or ""
-    prefix = ctx.settings.label_prefix
-    uid = labels.get(f"{prefix}/conversion-uid")
-    conversion = body.metadata.annotations.get(f"{prefix}/conversion-name")
+    keys = ctx.settings.keys
+    uid = labels.get(keys.conversion_uid)
+    conversion = body.metadata.annotations.get(keys.conversion_name)
     if not uid or not conversion:
         return
     name = str(body.metadata.get("name"))
-    deleted = name if type == "DELETED" else None
-    observed = _observed((namespace, uid), index_jobs, index_pods, deleted_pod=deleted)
-    if deleted is None:
-        observed = Observed(jobs=observed.jobs, pods=[*(p for p in observed.pods if _name(p) != name),
-                                                      dict(body)])
-    _sync_quietly(ctx, namespace, conversion, uid, observed)
+    pods: list[PodInfo] = _listed(index_pods, (namespace, uid), name)
+    if type != "DELETED":
+        pods.append(pod_info(body, CONTAINER_NAME, keys))
+    jobs: list[JobInfo] = _listed(index_jobs, (namespace, uid), "")
+    _sync_quietly(ctx, namespace, conversion, uid, jobs, pods)
 
 
-def needs_poll(body: kopf.Body, **_: Any) -> bool:
-    """Active (accepted, not finished) or waiting for a re-check, for the current generation."""
-    status = parse_status(body)
-    generation = int(body.metadata.get("generation") or 1)
-    active = is_accepted(status, generation) and not is_terminal(status, generation)
-    return active or awaits_recheck(status, generation)
-
-
-def on_poll(body: kopf.Body, name: str, namespace: str | None, uid: str, memo: kopf.Memo,
-            index_jobs: ObjIndex | None = None, index_pods: ObjIndex | None = None, **_: Any) -> None:
-    ctx = _context(memo)
-    namespace = namespace or ""
-    with _kopf_errors():
-        if awaits_recheck(parse_status(body), int(body.metadata.get("generation") or 1)):
-            reconcile(ctx, namespace, name)
-        else:
-            sync(ctx, namespace, name, uid, _observed((namespace, uid), index_jobs, index_pods))
-
-
-def register_handlers(registry: kopf.OperatorRegistry, *, poll_interval: float = POLL_INTERVAL) -> None:
+def register_handlers(registry: kopf.OperatorRegistry) -> None:
     """Register every handler of the operator on `registry`."""
     kopf.on.startup(registry=registry)(on_startup)
     kopf.on.cleanup(registry=registry)(on_cleanup)
     kopf.on.create(*CONVERSIONS, id="reconcile-create", registry=registry)(reconcile_conversion)
     kopf.on.resume(*CONVERSIONS, id="reconcile-resume", registry=registry)(reconcile_conversion)
     kopf.on.update(*CONVERSIONS, id="reconcile-update", field="spec", registry=registry)(reconcile_conversion)
-    kopf.timer(*CONVERSIONS, id="poll", interval=poll_interval, when=needs_poll,
-               registry=registry)(on_poll)
+    kopf.on.event(*CONVERSIONS, id="conversion-event", registry=registry)(on_conversion_event)
     kopf.index(*JOBS, id="index_jobs", labels=MANAGED, registry=registry)(index_jobs)
     kopf.index(*PODS, id="index_pods", labels=MANAGED, registry=registry)(index_pods)
     kopf.on.event(*JOBS, id="job-event", labels=MANAGED, registry=registry)(on_job_event)

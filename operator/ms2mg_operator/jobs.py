@@ -21,6 +21,17 @@ from ms2mg_operator.api.v1alpha1 import (
     ObjectMeta,
 )
 from ms2mg_operator.config import OperatorSettings
+from ms2mg_operator.keys import (
+    APP_NAME,
+    COMPONENT,
+    COMPONENT_LABEL,
+    DEFAULT_CONTAINER_ANNOTATION,
+    INSTANCE_LABEL,
+    KUEUE_QUEUE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+)
 
 Manifest = dict[str, object]
 
@@ -29,8 +40,6 @@ SOURCE_MOUNT = "/mnt/source"
 DESTINATION_MOUNT = "/mnt/destination"
 TMP_MOUNT = "/tmp"
 TERMINATION_LOG = "/dev/termination-log"
-MANAGED_BY = "ms2mg-operator"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MAX_NAME = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -59,15 +68,15 @@ def job_name(meta: ObjectMeta) -> str:
 
 def labels(meta: ObjectMeta, settings: OperatorSettings) -> dict[str, str]:
     """Labels of the Job and its pods; the uid label is what the operator's watches select on."""
-    prefix = settings.label_prefix
+    keys = settings.keys
     return {
-        "app.kubernetes.io/name": "ms2mg",
-        "app.kubernetes.io/component": "converter",
-        "app.kubernetes.io/instance": label_value(meta.name),
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        f"{prefix}/conversion": label_value(meta.name),
-        f"{prefix}/conversion-uid": meta.uid,
-        f"{prefix}/generation": str(meta.generation),
+        NAME_LABEL: APP_NAME,
+        COMPONENT_LABEL: COMPONENT,
+        INSTANCE_LABEL: label_value(meta.name),
+        MANAGED_BY_LABEL: MANAGED_BY,
+        keys.conversion: label_value(meta.name),
+        keys.conversion_uid: meta.uid,
+        keys.generation: str(meta.generation),
     }
 
 
@@ -230,8 +239,8 @@ def render_job(conversion: CheckpointConversion, settings: OperatorSettings) -> 
         "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": pod_labels, "annotations": {
-                "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
-                f"{settings.label_prefix}/conversion-name": meta.name}},
+                DEFAULT_CONTAINER_ANNOTATION: CONTAINER_NAME,
+                settings.keys.conversion_name: meta.name}},
             "spec": _pod_spec(spec, settings),
         },
     }

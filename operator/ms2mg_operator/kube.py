@@ -28,11 +28,12 @@ import urllib3
 from kubernetes import client, config
 
 from ms2mg_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+from ms2mg_operator.keys import MANAGED_BY
 
 logger = logging.getLogger(__name__)
 
 Obj = dict[str, object]
-COMPONENT = "ms2mg-operator"
+COMPONENT = MANAGED_BY
 
 
 class ApiError(Exception):
@@ -210,8 +211,10 @@ class KubeClient:
                                 f"CheckpointConversion (uid {owner_uid}); delete or rename it", 409)
 
     def delete_job(self, namespace: str, name: str) -> None:
-        """Delete a Job and (in the background) its pods; a Job already gone is fine."""
-        options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        """Delete a Job in the foreground: it stays (with a deletionTimestamp) until the garbage collector has
+        deleted its pods and they are gone, so its disappearance means no pod of it runs any more. A Job
+        already gone is fine."""
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}
         with contextlib.suppress(NotFoundError):
             self._call("DELETE", f"{self._jobs(namespace)}/{quote(name)}", body=options)
 
@@ -224,6 +227,13 @@ class KubeClient:
         except NotFoundError:
             return False
         return True
+
+    def list_pods(self, namespace: str, label: str, value: str) -> list[Obj]:
+        """Pods with `label=value` (also filtered here, in case a server ignores the selector)."""
+        selector = [("labelSelector", f"{label}={value}")]
+        items = self._json("GET", f"/api/v1/namespaces/{self._ns(namespace)}/pods", query=selector).get("items")
+        pods = [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        return [p for p in pods if _labels(p).get(label) == value]
 
     def read_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None:
         """The last `lines` lines of a container's log; None when there is no log (yet)."""

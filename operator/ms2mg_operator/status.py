@@ -1,12 +1,14 @@
 """Derive a `CheckpointConversion`'s status from what the operator observed (pure functions).
 
-Conditions follow the Kubernetes API conventions and are kept in the order a conversion reaches them:
+Conditions follow the Kubernetes API conventions. The stages are kept in the order a conversion reaches them:
 
     Accepted -> Queued (with spec.queueName) -> Running -> Verified -> Succeeded | Failed
 
-A condition appears when its stage is reached and disappears when a new generation starts over, so the last
-entry is always the latest stage (the STATUS printer column shows its reason). `lastTransitionTime` changes
-only when a condition's status changes; every condition carries the generation it describes.
+A stage appears when it is reached and disappears when a new generation starts over, so the last entry is always
+the latest stage. In front of them, a summary for generic tools (kstatus, Flux, Argo CD): `Ready` (always; True
+only once converted), `Reconciling=True` while work is under way and `Stalled=True` when only a spec change can
+help (each present only while True), and `status.phase`, one word for the STATUS column. `lastTransitionTime`
+changes only when a condition's status changes; every condition carries the generation it describes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from ms2mg_operator.api.v1alpha1 import (
     ConditionStatus,
     ConditionType,
     ConversionResultStatus,
+    Phase,
 )
 from ms2mg_operator.observe import JobInfo, Observation, PodInfo, parse_result
 
 T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
-ORDER = (ConditionType.ACCEPTED, ConditionType.QUEUED, ConditionType.RUNNING, ConditionType.VERIFIED,
-         ConditionType.SUCCEEDED, ConditionType.FAILED)
+STAGES = (ConditionType.ACCEPTED, ConditionType.QUEUED, ConditionType.RUNNING, ConditionType.VERIFIED,
+          ConditionType.SUCCEEDED, ConditionType.FAILED)
+SUMMARY = (ConditionType.READY, ConditionType.RECONCILING, ConditionType.STALLED)
 MAX_MESSAGE = 4096
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 
@@ -48,11 +52,14 @@ class Reason(StrEnum):
     DESTINATION_PVC_NOT_FOUND = "DestinationPVCNotFound"
     JOB_REJECTED = "JobRejected"
     JOB_NAME_CONFLICT = "JobNameConflict"
+    SERVICE_ACCOUNT_NOT_ALLOWED = "ServiceAccountNotAllowed"
+    WAITING_FOR_PREVIOUS_JOB = "WaitingForPreviousJob"
 
 
 RECHECK_REASONS = frozenset({Reason.DESTINATION_CONFLICT, Reason.SOURCE_PVC_NOT_FOUND,
-                             Reason.DESTINATION_PVC_NOT_FOUND})
-"""Rejections that can clear up without a spec change: the operator checks them again periodically."""
+                             Reason.DESTINATION_PVC_NOT_FOUND, Reason.WAITING_FOR_PREVIOUS_JOB})
+"""Rejections that clear up without a spec change: checked again on the events that may clear them, and every
+`MS2MG_RECHECK_SECONDS`."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,12 @@ def _failure(job: JobInfo, pod: PodInfo | None, result: ConversionResult | None)
     return reason_or(reason, "JobFailed"), message
 
 
-def _running(job: JobInfo, pod: PodInfo | None, progress: str | None) -> Target:
+def _running(job: JobInfo, pod: PodInfo | None) -> Target:
     """The Running condition of an active Job, from its newest pod."""
     if pod is None:
         return F, "Pending", f"Waiting for a pod of Job {job.name}."
     if pod.phase == "Running":
-        done = f" ({progress} tensor groups)" if progress else ""
-        return T, "Converting", f"Pod {pod.name} is converting{done}."
+        return T, "Converting", f"Pod {pod.name} is converting (progress: status.progress)."
     if pod.phase == "Pending":
         return (F, reason_or(pod.waiting_reason, "PodPending"),
                 pod.waiting_message or f"Pod {pod.name} is pending (scheduling, image pull or volume mount).")
@@ -125,9 +131,23 @@ def _succeeded(job: JobInfo, result: ConversionResult | None) -> Target:
     return T, "JobComplete", f"Job {job.name} completed; the converter left no readable result."
 
 
+def _suspended(job: JobInfo, obs: Observation, started: bool) -> dict[ConditionType, Target]:
+    """A suspended Job: queued, and -- when it had been admitted before -- preempted (Kueue) or suspended."""
+    until = "its queue admits it" if obs.queued else "spec.suspend is cleared"
+    targets: dict[ConditionType, Target] = {
+        ConditionType.QUEUED: (T, "WaitingForAdmission", f"Job {job.name} is suspended until {until}.")}
+    if started:
+        reason = "Preempted" if obs.queued else "Suspended"
+        why = "its queue preempted it" if obs.queued else "someone set spec.suspend"
+        targets[ConditionType.RUNNING] = (F, reason, f"Job {job.name} was suspended again ({why}); its pods are "
+                                                     "stopped and it resumes when it is admitted again.")
+    return targets
+
+
 def _job_targets(obs: Observation, result: ConversionResult | None,
-                 progress: str | None) -> dict[ConditionType, Target]:
-    """Conditions implied by the Job (Accepted is decided elsewhere)."""
+                 reached: frozenset[ConditionType]) -> dict[ConditionType, Target]:
+    """Conditions implied by the Job (Accepted is decided elsewhere); `reached`: the stages this generation
+    has reached before."""
     job, pod = obs.job, obs.pod
     if job is None:
         if not obs.job_deleted:
@@ -136,11 +156,12 @@ def _job_targets(obs: Observation, result: ConversionResult | None,
         return {ConditionType.RUNNING: (F, "JobDeleted", message),
                 ConditionType.SUCCEEDED: (F, "JobDeleted", message),
                 ConditionType.FAILED: (T, "JobDeleted", message)}
+    finished = job.failure is not None or job.complete
+    if job.suspended and not finished:
+        return _suspended(job, obs, ConditionType.RUNNING in reached)
     targets: dict[ConditionType, Target] = {}
-    if obs.queued or job.suspended:
-        targets[ConditionType.QUEUED] = (
-            (T, "WaitingForAdmission", f"Job {job.name} is suspended until its queue admits it.")
-            if job.suspended else (F, "Admitted", f"Job {job.name} was admitted and is not suspended."))
+    if obs.queued or ConditionType.QUEUED in reached:
+        targets[ConditionType.QUEUED] = (F, "Admitted", f"Job {job.name} was admitted and is not suspended.")
     if job.failure is not None:
         reason, message = _failure(job, pod, result)
         targets[ConditionType.RUNNING] = (F, "JobFinished", f"Job {job.name} failed.")
@@ -152,9 +173,39 @@ def _job_targets(obs: Observation, result: ConversionResult | None,
         targets[ConditionType.RUNNING] = (F, "JobFinished", f"Job {job.name} completed.")
         targets[ConditionType.VERIFIED] = _verified(obs.verify, result)
         targets[ConditionType.SUCCEEDED] = _succeeded(job, result)
-    elif not job.suspended:
-        targets[ConditionType.RUNNING] = _running(job, pod, progress)
+    else:
+        targets[ConditionType.RUNNING] = _running(job, pod)
     return targets
+
+
+def summarize(stages: dict[ConditionType, Condition]) -> tuple[Phase, Target, Target | None, Target | None]:
+    """Phase, Ready, Reconciling and Stalled from the stage conditions (Accepted must be among them). The summary
+    conditions take the reason and message of the stage that decides the phase."""
+    accepted = stages[ConditionType.ACCEPTED]
+
+    def true(kind: ConditionType) -> bool:
+        cond = stages.get(kind)
+        return cond is not None and cond.status == T
+
+    running = stages.get(ConditionType.RUNNING)
+    if accepted.status != T:
+        phase = Phase.WAITING if accepted.reason in RECHECK_REASONS else Phase.REJECTED
+        source = accepted
+    elif true(ConditionType.FAILED):
+        phase, source = Phase.FAILED, stages[ConditionType.FAILED]
+    elif true(ConditionType.SUCCEEDED):
+        phase, source = Phase.SUCCEEDED, stages[ConditionType.SUCCEEDED]
+    elif true(ConditionType.QUEUED):
+        phase, source = Phase.QUEUED, running or stages[ConditionType.QUEUED]
+    elif running is not None and running.status == T:
+        phase, source = Phase.RUNNING, running
+    else:
+        phase, source = Phase.PENDING, running or accepted
+    said = (source.reason, source.message)
+    ready = (T if phase == Phase.SUCCEEDED else F, *said)
+    reconciling = (T, *said) if phase in (Phase.WAITING, Phase.QUEUED, Phase.PENDING, Phase.RUNNING) else None
+    stalled = (T, *said) if phase in (Phase.REJECTED, Phase.FAILED) else None
+    return phase, ready, reconciling, stalled
 
 
 def is_terminal(status: CheckpointConversionStatus | None, generation: int) -> bool:
@@ -194,9 +245,20 @@ class _Conditions:
                                      message=_clip(message), last_transition_time=since,
                                      observed_generation=self._generation)
 
-    def ordered(self, only_accepted: bool) -> list[Condition]:
-        kinds = ORDER[:1] if only_accepted else ORDER
-        return [self.items[k] for k in kinds if k in self.items]
+    def ordered(self, only_accepted: bool) -> tuple[Phase | None, list[Condition]]:
+        """The phase and the conditions: the summary first, then the stages in their order."""
+        kinds = STAGES[:1] if only_accepted else STAGES
+        stages = {k: self.items[k] for k in kinds if k in self.items}
+        if ConditionType.ACCEPTED not in stages:
+            return None, list(stages.values())
+        phase, ready, reconciling, stalled = summarize(stages)
+        summary: list[Condition] = []
+        for kind, target in ((ConditionType.READY, ready), (ConditionType.RECONCILING, reconciling),
+                             (ConditionType.STALLED, stalled)):
+            if target is not None:
+                self.set(kind, target)
+                summary.append(self.items[kind])
+        return phase, summary + list(stages.values())
 
 
 def _result_status(result: ConversionResult) -> ConversionResultStatus:
@@ -204,8 +266,8 @@ def _result_status(result: ConversionResult) -> ConversionResultStatus:
 
 
 def derive_status(previous: CheckpointConversionStatus | None, *, generation: int, now: datetime,
-                  acceptance: Acceptance | None = None, observation: Observation | None = None,
-                  job_name: str | None = None) -> CheckpointConversionStatus:
+                  acceptance: Acceptance | None = None,
+                  observation: Observation | None = None) -> CheckpointConversionStatus:
     """The new status. `acceptance=None` keeps the Accepted condition; `observation=None` keeps the rest."""
     prev = previous or CheckpointConversionStatus()
     now = now.astimezone(UTC).replace(microsecond=0)
@@ -218,21 +280,24 @@ def derive_status(previous: CheckpointConversionStatus | None, *, generation: in
     if accepted is None and acceptance is None:
         return prev  # this generation was not reconciled yet: nothing to derive
     if accepted is None or accepted.status != T:
-        return CheckpointConversionStatus(observed_generation=generation, conditions=conds.ordered(True))
+        phase, conditions = conds.ordered(True)
+        return CheckpointConversionStatus(observed_generation=generation, phase=phase, conditions=conditions)
     kept = prev if same else CheckpointConversionStatus()
     obs = observation
     pod = obs.pod if obs is not None else None
     result = parse_result(pod.termination_message if pod is not None else None)
-    progress = f"{obs.progress.done}/{obs.progress.total}" if obs and obs.progress else kept.progress
+    progress = str(obs.progress) if obs and obs.progress else kept.progress
     sticky = is_terminal(prev, generation) and result is None  # only a (late) result refines an outcome
     if obs is not None and not sticky:
-        for kind, target in _job_targets(obs, result, progress).items():
+        for kind, target in _job_targets(obs, result, frozenset(conds.items)).items():
             conds.set(kind, target)
     job = obs.job if obs is not None else None
+    phase, conditions = conds.ordered(False)
     return CheckpointConversionStatus(
         observed_generation=generation,
-        conditions=conds.ordered(False),
-        job_name=job.name if job is not None else (kept.job_name or job_name),
+        phase=phase,
+        conditions=conditions,
+        job_name=job.name if job is not None else kept.job_name,
         start_time=(job.start_time if job is not None else None) or kept.start_time,
         completion_time=(job.completion_time if job is not None else None) or kept.completion_time,
         progress=progress,

@@ -296,7 +296,9 @@ def test_operator_settings_from_the_values(variant: str | None, monkeypatch: pyt
                       else f"{converter_image['repository']}:{converter_image['tag'] or '0.1.0'}")
     assert settings.converter_image == expected_image
     assert settings.image_pull_policy == (converter_image["pullPolicy"] or None)
-    assert settings.allowed_images == values["allowedImages"]
+    assert settings.allowed_images == (values["allowedImages"] or [converter_image["repository"]])
+    assert settings.allowed_service_accounts == values["allowedServiceAccounts"]
+    assert not settings.service_account_allowed("default")  # no variant allows any ServiceAccount
     assert settings.watch_namespaces == values["watchNamespaces"]
     assert settings.all_namespaces == (not values["watchNamespaces"])
     assert settings.log_format == values["logFormat"]

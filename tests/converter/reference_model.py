@@ -1,6 +1,6 @@
 """An independent plain-torch GPT forward pass over the *logical* sample weights (fp32).
 
-It reads the separate q/k/v and gate/up projections of `ms2mg_converter.sample.logical_weights`, never a
+It reads the separate q/k/v and gate/up projections of `ms2mg_converter.demo.sample.logical_weights`, never a
 fused or sharded Megatron tensor, so it shares no layout code with the converter or the test sharder.
 It follows what megatron-core 0.16.1's GPTModel (local spec) computes:
 

@@ -2,5 +2,6 @@
 
 from tests.integration.operator_env import (  # noqa: F401 - fixtures of the operator tests
     ms2mg_crd,
+    report,
     sample_volume,
 )

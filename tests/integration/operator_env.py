@@ -72,6 +72,21 @@ def sample_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print measured figures (``[reliability] ...``) even without ``-s``; also append them to
+    ``$MS2MG_RELIABILITY_LOG`` if set."""
+
+    def emit(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n[reliability] {line}", flush=True)
+        if os.environ.get("MS2MG_RELIABILITY_LOG"):
+            with open(os.environ["MS2MG_RELIABILITY_LOG"], "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
+    return emit
+
+
 # --- resources ----------------------------------------------------------------------------------------------------
 def conversion(name: str, *, source_path: str = SAMPLE_PATH, destination: str | None = None, tensor: int = 2,
                pipeline: int = 2, source_pvc: str = SOURCE_PVC, destination_pvc: str = DEST_PVC,
@@ -124,8 +139,23 @@ def has(kind: str, status: str = "True", reason: str | None = None,
     return check
 
 
+SUMMARY_TYPES = ("Ready", "Reconciling", "Stalled")
+
+
 def summary(body: Obj | None) -> list[tuple[str, str, str]]:
-    return [(c["type"], c["status"], c["reason"]) for c in (body or {}).get("status", {}).get("conditions", [])]
+    """The stage conditions, in order (the summary conditions in front of them: see `ready`, `phase`)."""
+    return [(c["type"], c["status"], c["reason"]) for c in (body or {}).get("status", {}).get("conditions", [])
+            if c["type"] not in SUMMARY_TYPES]
+
+
+def phase(body: Obj | None) -> str | None:
+    return (body or {}).get("status", {}).get("phase")
+
+
+def ready(body: Obj | None) -> tuple[str, str] | None:
+    """(status, reason) of the Ready condition."""
+    cond = condition(body, "Ready")
+    return None if cond is None else (cond["status"], cond["reason"])
 
 
 def wait_conversion(cluster: Cluster, namespace: str, name: str, predicate: Callable[[Obj], bool], *,

@@ -26,7 +26,8 @@ import pytest
 
 from ms2mg_operator.api.v1alpha1 import CheckpointConversion
 from ms2mg_operator.config import OperatorSettings
-from ms2mg_operator.jobs import KUEUE_QUEUE_LABEL, render_job
+from ms2mg_operator.jobs import render_job
+from ms2mg_operator.keys import KUEUE_QUEUE_LABEL
 from tests.integration.operator_env import (
     DEST_PVC,
     SAMPLE_GROUPS,
@@ -40,6 +41,8 @@ from tests.integration.operator_env import (
     has,
     megatron_files,
     operator_env,
+    phase,
+    ready,
     summary,
     tree,
 )
@@ -86,9 +89,10 @@ def test_happy_path_tp2_pp2(env: Env) -> None:
     body = env.wait("llama", lambda b: b.get("status", {}).get("progress") == f"5/{SAMPLE_GROUPS}", timeout=40,
                     what="status.progress 5/12")
     assert has("Running", reason="Converting")(body)
+    assert phase(body) == "Running" and ready(body) == ("False", "Converting")
     table = env.kubectl("get", "ckptconv", "llama").stdout.split("\n")
-    assert table[0].split() == ["NAME", "STATUS", "TP", "PP", "PROGRESS", "AGE"]
-    assert table[1].split()[:5] == ["llama", "Converting", "2", "2", f"5/{SAMPLE_GROUPS}"]
+    assert table[0].split() == ["NAME", "STATUS", "REASON", "TP", "PP", "PROGRESS", "AGE"]
+    assert table[1].split()[:6] == ["llama", "Running", "Converting", "2", "2", f"5/{SAMPLE_GROUPS}"]
     logs = env.kubectl("logs", f"job/{job['metadata']['name']}", "--tail=1").stdout
     assert json.loads(logs)["done"] == 5
 
@@ -97,6 +101,9 @@ def test_happy_path_tp2_pp2(env: Env) -> None:
     body = env.must_get("llama")
     assert summary(body) == [("Accepted", "True", "JobCreated"), ("Running", "False", "JobFinished"),
                              ("Verified", "True", "Verified"), ("Succeeded", "True", "Converted")]
+    assert phase(body) == "Succeeded" and ready(body) == ("True", "Converted")
+    assert [c["type"] for c in body["status"]["conditions"]][:2] == ["Ready", "Accepted"]  # no Reconciling/Stalled
+    assert not body["metadata"].get("finalizers")
     result = body["status"]["result"]
     assert result["verified"] is True and result["files"] == 6 and result["bytes"] > 0
     assert result["paddedVocabSize"] == 1024  # 997 rows kept, padded to a multiple of 128 x TP 2
@@ -110,7 +117,7 @@ def test_happy_path_tp2_pp2(env: Env) -> None:
     assert ("Normal", "JobCreated") in reasons and ("Normal", "Converted") in reasons
     # the final progress is recorded too (the finished pod's log is read once more)
     table = env.kubectl("get", "ckptconv").stdout.split("\n")
-    assert table[1].split()[:5] == ["llama", "Converted", "2", "2", f"{SAMPLE_GROUPS}/{SAMPLE_GROUPS}"]
+    assert table[1].split()[:6] == ["llama", "Succeeded", "Converted", "2", "2", f"{SAMPLE_GROUPS}/{SAMPLE_GROUPS}"]
 
 
 def test_invalid_spec_is_rejected_without_a_job(env: Env) -> None:
@@ -119,11 +126,12 @@ def test_invalid_spec_is_rejected_without_a_job(env: Env) -> None:
     env.apply(conversion("tp3", tensor=3, pipeline=1))
     body = env.wait("tp3", has("Accepted", "False", "ParallelismMismatch"), what="Accepted=False")
     assert summary(body) == [("Accepted", "False", "ParallelismMismatch")]
+    assert phase(body) == "Rejected" and has("Stalled", reason="ParallelismMismatch")(body)
     message = condition(body, "Accepted")["message"]  # type: ignore[index]
     assert "num_attention_heads (8) is not divisible by tensor parallel size (3)" in message
     assert "num_query_groups (4)" in message
     table = env.kubectl("get", "ckptconv", "tp3").stdout.split("\n")
-    assert table[1].split()[:4] == ["tp3", "ParallelismMismatch", "3", "1"]
+    assert table[1].split()[:5] == ["tp3", "Rejected", "ParallelismMismatch", "3", "1"]
     time.sleep(4)  # no retry loop: still one Event and no Job a while later
     warnings = [e for e in events_for(env.cluster, env.namespace, "tp3") if e["type"] == "Warning"]
     assert [(e["reason"], e.get("count", 1)) for e in warnings] == [("ParallelismMismatch", 1)]
@@ -160,7 +168,8 @@ def test_converter_failure_is_reported(env: Env) -> None:
     warnings = [e["reason"] for e in events_for(env.cluster, env.namespace, "bad-layers") if e["type"] == "Warning"]
     assert warnings == ["ShapeMismatch"]
     table = env.kubectl("get", "ckptconv", "bad-layers").stdout.split("\n")
-    assert table[1].split()[1] == "ShapeMismatch"
+    assert table[1].split()[1:3] == ["Failed", "ShapeMismatch"]
+    assert has("Stalled", reason="ShapeMismatch")(body) and ready(body) == ("False", "ShapeMismatch")
 
 
 def _job_complete(env: Env, name: str) -> bool:
@@ -225,6 +234,66 @@ def test_spec_change_replaces_the_running_job(env: Env) -> None:
     assert len(env.kubelet.runs) == 2
 
 
+def test_spec_change_waits_for_the_old_pod_in_its_commit(env: Env) -> None:
+    """Issue 11: the old pod is inside its commit (it ignores SIGTERM until its checkpoint is in place) when the
+    spec changes. The old Job is deleted in the foreground, and no Job of generation 2 exists while the old pod
+    does (Accepted=False WaitingForPreviousJob); once it has landed its checkpoint and is gone, generation 2 runs
+    and (overwrite: true) replaces that checkpoint. Before, the new Job started at once beside the old pod."""
+    env.kubelet.hold_at_progress(SAMPLE_GROUPS)  # the last group is written: verification and commit follow
+    env.apply(conversion("commit", destination="out/commit", overwrite=True))
+    first = env.kubelet.wait_held()
+    env.kubelet.shield(first)  # from now on it behaves as inside its commit
+    body = env.wait("commit", has("Running", reason="Converting"))
+    old_job = body["status"]["jobName"]
+    env.kubelet.hold_when(None)
+    env.kubectl("patch", "ckptconv", "commit", "--type=merge",
+                "-p", json.dumps({"spec": {"parallelism": {"tensor": 1, "pipeline": 1}}}))
+    body = env.wait("commit", has("Accepted", "False", "WaitingForPreviousJob", generation=2),
+                    what="generation 2 waiting for the old pod")
+    assert phase(body) == "Waiting" and has("Reconciling", reason="WaitingForPreviousJob")(body)
+    wait_for(first.deletion_seen.is_set, timeout=60, what="the old pod marked for deletion (foreground GC)")
+    [old] = env.jobs()  # only the old Job, being deleted in the foreground: no Job of generation 2
+    assert old["metadata"]["name"] == old_job and old["metadata"].get("deletionTimestamp")
+    assert "foregroundDeletion" in old["metadata"].get("finalizers", [])
+    assert len(env.kubelet.runs) == 1 and not first.is_finished
+    assert has("Accepted", "False", "WaitingForPreviousJob")(env.must_get("commit"))
+
+    env.kubelet.release(first)  # the old run finishes its commit by itself, then its pod is removed
+    body = env.wait("commit", has("Succeeded", reason="Converted", generation=2), timeout=120,
+                    what="generation 2 Succeeded")
+    assert first.exit_code == 0 and not first.killed  # generation 1 landed its checkpoint ...
+    [second] = [r for r in env.kubelet.runs.values() if r is not first]
+    assert first.lines[-1][0] < second.lines[0][0]  # ... before generation 2 printed its first line
+    assert tree(env.destination / "out/commit") == megatron_files(1, 1)  # ... and generation 2 replaced it
+    assert [j["metadata"]["labels"]["ms2mg.io/generation"] for j in env.jobs()] == ["2"]
+
+
+def test_delete_while_the_operator_is_down(env: Env) -> None:
+    """Issue 11: the operator sets no finalizer, so a resource deleted while no operator runs goes at once (its Job
+    and pod garbage-collected by KCM). A finalizer an older operator version left (`ms2mg.io/kopf-finalizer`) is
+    removed by the next operator start, also from a resource deleted meanwhile."""
+    env.apply(conversion("old", destination="out/old", tensor=1, pipeline=1))
+    env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/old", "--timeout=90s", timeout=100)
+    env.kubelet.hold_at_progress(3)
+    env.apply(conversion("orphan"))
+    run = env.kubelet.wait_held()
+    body = env.wait("orphan", has("Running", reason="Converting"))
+    assert not body["metadata"].get("finalizers")
+    env.operator.stop()
+    env.kubectl("patch", "ckptconv", "old", "--type=merge",
+                "-p", '{"metadata":{"finalizers":["ms2mg.io/kopf-finalizer"]}}')  # as an older version left it
+
+    env.kubectl("delete", "ckptconv", "orphan", "--timeout=30s", timeout=40)  # returns: nothing holds it
+    assert env.get("orphan") is None
+    wait_for(lambda: not [j for j in env.jobs() if j["metadata"]["labels"]["ms2mg.io/conversion"] == "orphan"],
+             timeout=60, what="the orphan's Job garbage-collected")
+    assert run.finished.wait(30) and run.killed
+    env.kubectl("delete", "ckptconv", "old", "--wait=false")
+    assert (env.get("old") or {}).get("metadata", {}).get("deletionTimestamp")  # held by the leftover finalizer
+    env.operator.start()
+    wait_for(lambda: env.get("old") is None, timeout=60, what="the leftover finalizer removed by the operator")
+
+
 def test_delete_garbage_collects_jobs_and_keeps_data(env: Env) -> None:
     """Deleting a resource: its Job and pod are garbage-collected by kube-controller-manager; the converted data
     stays. Deleting one that is still converting stops the converter, which leaves nothing at its destination."""
@@ -255,12 +324,13 @@ def test_destination_conflict_waits_for_the_older_resource(env: Env) -> None:
     env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/first", "--timeout=90s", timeout=100)
     time.sleep(3)
     assert has("Accepted", "False", "DestinationConflict")(env.get("second") or {})
+    assert phase(env.get("second")) == "Waiting"
     assert [j["metadata"]["labels"]["ms2mg.io/conversion"] for j in env.jobs()] == ["first"]
     warnings = [e["reason"] for e in events_for(env.cluster, env.namespace, "second") if e["type"] == "Warning"]
     assert warnings == ["DestinationConflict"]
 
     env.kubectl("delete", "ckptconv", "first", "--timeout=60s", timeout=70)
-    # re-checked by the operator's timer (every 15 s)
+    # the deletion event makes the waiting resources of the namespace re-check at once
     env.wait("second", has("Accepted", reason="JobCreated"), timeout=45, what="second accepted")
     env.kubectl("wait", "--for=condition=Succeeded", "ckptconv/second", "--timeout=90s", timeout=100)
     assert tree(env.destination / "out/shared") == megatron_files(2, 2)
@@ -292,7 +362,7 @@ def test_kueue_queue_name(env: Env) -> None:
 def test_missing_pvc(k8s_cluster: Cluster, ms2mg_crd: str, k8s_namespace: str,
                      sample_volume: Path, tmp_path: Path) -> None:
     """A missing destination (or source) PVC: Accepted=False with a reason naming it, no Job stuck Pending; once
-    the PVC exists, the conversion starts (re-checked by the operator's timer)."""
+    the PVC exists, the conversion starts (re-checked every MS2MG_RECHECK_SECONDS, 2 s in these tests)."""
     with operator_env(k8s_cluster, k8s_namespace, sample_volume, tmp_path, pvcs=(SOURCE_PVC,)) as env:
         env.apply(conversion("no-dest"), conversion("no-source", source_pvc="nope", destination="out/x"))
         body = env.wait("no-dest", has("Accepted", "False", "DestinationPVCNotFound"))

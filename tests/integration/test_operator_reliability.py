@@ -59,20 +59,6 @@ GEN_LABEL = "ms2mg.io/generation"
 
 
 @pytest.fixture
-def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
-    """Print measured figures even without ``-s``; also append them to ``$MS2MG_RELIABILITY_LOG`` if set."""
-
-    def emit(line: str) -> None:
-        with capsys.disabled():
-            print(f"\n[reliability] {line}", flush=True)
-        if os.environ.get("MS2MG_RELIABILITY_LOG"):
-            with open(os.environ["MS2MG_RELIABILITY_LOG"], "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
-
-    return emit
-
-
-@pytest.fixture
 def env(k8s_cluster: Cluster, ms2mg_crd: str, k8s_namespace: str, sample_volume: Path,
         tmp_path: Path) -> Iterator[Env]:
     with operator_env(k8s_cluster, k8s_namespace, sample_volume, tmp_path, capacity=2) as e:
@@ -241,6 +227,8 @@ def test_least_privilege(env: Env, report: Callable[[str], None]) -> None:
     env.wait("d", has("Accepted", "False", "ParallelismMismatch"))
     env.operator.kill()  # resume: get the recorded Job
     env.operator.start()
+    wait_for(lambda: ("batch", "jobs", "get") in audit_verbs(env.cluster, env.operator_user), timeout=60,
+             what="the restarted operator reading the recorded Job (on.resume), before the spec changes")
     env.wait("a", has("Running", reason="Converting"))
     env.kubelet.hold_when(None)
     env.kubectl("patch", "ckptconv", "a", "--type=merge", "-p", '{"spec":{"parallelism":{"tensor":1}}}')  # delete Job
@@ -371,8 +359,10 @@ def test_source_symlink_leaving_the_volume_is_refused(symlink_env: Env, volumes:
     converter must refuse to read through it (exit 3, InvalidSource, naming the link)."""
     symlink_env.apply(conversion("escape-src", source_path="models/escape", backoffLimit=0))
     body = symlink_env.wait("escape-src", terminal, timeout=90, what="terminal")
-    assert has("Failed")(body), f"read a checkpoint outside the source volume: {summary(body)}"
-    assert "symlink" in condition(body, "Failed")["message"].lower()  # type: ignore[index]
+    assert has("Failed", reason="InvalidSource")(body), f"read a checkpoint outside the source volume: {summary(body)}"
+    assert body["status"]["result"]["exitCode"] == 3
+    message = condition(body, "Failed")["message"]  # type: ignore[index]
+    assert "models/escape" in message and "outside --load-root" in message, message
 
 
 def test_destination_symlink_leaving_the_volume_is_refused(symlink_env: Env, volumes: dict[str, Path]) -> None:
@@ -382,4 +372,7 @@ def test_destination_symlink_leaving_the_volume_is_refused(symlink_env: Env, vol
     body = symlink_env.wait("escape-dst", terminal, timeout=90, what="terminal")
     written = tree(volumes["outside"] / "dst")
     assert written == [], f"wrote {len(written)} files outside the destination volume ({summary(body)})"
-    assert has("Failed")(body)
+    assert summary(body)[-1] == ("Failed", "True", "DestinationNotWritable"), summary(body)
+    assert body["status"]["result"]["exitCode"] == 4 and body["status"]["result"]["reason"] == "DestinationNotWritable"
+    message = condition(body, "Failed")["message"]  # type: ignore[index]
+    assert "escape/ckpt" in message and "outside --save-root" in message, message

@@ -244,6 +244,11 @@ class Cluster:
 
     restart_controller_manager = start_controller_manager
 
+    def stop_controller_manager(self, timeout: float = 60.0) -> None:
+        """Stop kube-controller-manager (no Job controller, no garbage collector) until `start_controller_manager`."""
+        _run_script(["stop-control-plane.sh", "--only", "kcm", str(self.workdir)], timeout=timeout,
+                    log=self.workdir / "stop.log")
+
     def is_running(self) -> bool:
         pid_file = self.workdir / "apiserver.pid"
         try:

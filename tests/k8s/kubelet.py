@@ -43,6 +43,9 @@ Pending and unbound until a slot frees up, as on a full node.
 Test hooks: :meth:`FakeKubelet.hold_when` freezes a container (SIGSTOP) right after a log line that matches a
 predicate, before that line's successors reach the log (deterministic "conversion in progress" states);
 :meth:`release` continues it (SIGCONT). :meth:`hold_at_progress` is the same for ``--progress json`` lines.
+:meth:`shield` makes a held run behave like a converter inside its commit (which ignores SIGTERM until its
+checkpoint is in place): deleting its pod sends no signal; after :meth:`release` the process runs to its end,
+and only then is the pod removed.
 
 Usage::
 
@@ -55,7 +58,8 @@ Usage::
 
 API (stable; other tests use it): :class:`FakeKubelet` (constructor arguments, ``volumes``, ``commands``,
 ``images``, ``capacity``, ``start``/``stop`` or ``with``, ``node_name``, ``port``, ``runs``, ``errors``, ``run_for``,
-``wait_for_run``, ``hold_when``, ``hold_at_progress``, ``release``, ``wait_held``), :class:`PodRun` (its fields and
+``wait_for_run``, ``hold_when``, ``hold_at_progress``, ``shield``, ``release``, ``wait_held``), :class:`PodRun`
+(its fields and
 ``log_text``), :data:`DEFAULT_SELECTOR`. Only the standard library is used (TLS certificates via ``openssl``).
 """
 
@@ -160,6 +164,10 @@ class PodRun:
     """(RFC 3339 timestamp, line without newline) of everything the process printed so far."""
     killed: bool = False
     """Stopped because the pod was deleted (or the kubelet stopped)."""
+    shielded: bool = False
+    """A deletion of the pod waits for the process to end by itself (see :meth:`FakeKubelet.shield`)."""
+    deletion_seen: threading.Event = field(default_factory=threading.Event, repr=False)
+    """The pod was marked for deletion while this run was alive."""
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     held: threading.Event = field(default_factory=threading.Event, repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -444,6 +452,11 @@ class FakeKubelet:
         return self.wait_for_run(lambda r: r.held.is_set() and not r.is_finished, timeout=timeout,
                                  what="a held container")
 
+    def shield(self, run: PodRun) -> None:
+        """Let ``run`` (held) behave as a converter inside its commit: a deletion of its pod delivers no signal and
+        waits for the process to end by itself after :meth:`release`; then the pod is removed."""
+        run.shielded = True
+
     def release(self, run: PodRun | None = None, *, clear_hook: bool = True) -> None:
         """Continue one held run (or all); by default also remove the hold hook so they run to the end."""
         with self._lock:
@@ -565,7 +578,10 @@ class FakeKubelet:
                 if node == self.node_name:
                     grace = min(float(meta.get("deletionGracePeriodSeconds") or 0), self.max_grace_seconds)
                     if run is not None and not run.is_finished:
-                        if not run.killed:
+                        if run.shielded and not run.deletion_seen.is_set():
+                            run.deletion_seen.set()
+                            self._spawn(self._finish_then_delete, f"finish-{key[1]}", run)
+                        elif not run.killed and not run.shielded:
                             run.killed = True
                             self._spawn(self._terminate, f"kill-{key[1]}", run, grace)
                     else:
@@ -835,6 +851,15 @@ class FakeKubelet:
         if not run.finished.wait(max(grace, 0.5)):
             self._signal(run, signal.SIGKILL)
             run.finished.wait(10)
+        self._delete_pod(run.key, run.uid)
+
+    def _finish_then_delete(self, run: PodRun) -> None:
+        """A shielded run's pod was deleted: no signal; once the process has ended by itself, remove the pod."""
+        with self._changed:
+            self._changed.notify_all()
+        while not run.finished.wait(0.2):
+            if self._stop.is_set():
+                return
         self._delete_pod(run.key, run.uid)
 
     def _delete_pod(self, key: tuple[str, str], uid: str | None) -> None:

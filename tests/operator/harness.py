@@ -176,12 +176,11 @@ def new_client(url: str, settings: OperatorSettings) -> KubeClient:
 
 
 @asynccontextmanager
-async def running_operator(emulator: km.KubernetesEmulator, settings: OperatorSettings, *,
-                           poll_interval: float = 0.3) -> AsyncIterator[None]:
+async def running_operator(emulator: km.KubernetesEmulator, settings: OperatorSettings) -> AsyncIterator[None]:
     """The operator with a fresh registry, logged in to kmock, until the block exits."""
     url = str(emulator.url).rstrip("/")
     registry = kopf.OperatorRegistry()
-    register_handlers(registry, poll_interval=poll_interval)
+    register_handlers(registry)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -19,12 +19,25 @@ def test_defaults(settings: OperatorSettings) -> None:
     assert default.label_prefix == "ms2mg.io"
     assert default.converter_service_account == "ms2mg-converter"
     assert default.default_resources["requests"] == {"cpu": "1", "memory": "4Gi"}
+    assert (default.recheck_seconds, default.progress_seconds) == (30.0, 15.0)
+
+
+def test_default_allow_lists_are_the_operators_own(settings: OperatorSettings) -> None:
+    """Nothing configured: only the converter image's repository (any tag) and the converter ServiceAccount."""
+    assert [p.text for p in settings.image_patterns] == ["registry.example/ms2mg-converter"]
+    assert settings.service_account_allowed("ms2mg-converter")
+    assert not settings.service_account_allowed("default")
+    anything = settings.model_copy(update={"allowed_service_accounts": ["*"]})
+    assert anything.service_account_allowed("default")
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch, settings: OperatorSettings) -> None:
     monkeypatch.setenv("MS2MG_CONVERTER_IMAGE", "registry.example/c:2")
     monkeypatch.setenv("MS2MG_WATCH_NAMESPACES", "team-a, team-b,")
-    monkeypatch.setenv("MS2MG_ALLOWED_IMAGES", "registry.example/")
+    monkeypatch.setenv("MS2MG_ALLOWED_IMAGES", "registry.example/*, docker.io/ms2mg/converter@sha256:" + "a" * 64)
+    monkeypatch.setenv("MS2MG_ALLOWED_SERVICE_ACCOUNTS", "converter,reader")
+    monkeypatch.setenv("MS2MG_RECHECK_SECONDS", "7")
+    monkeypatch.setenv("MS2MG_PROGRESS_SECONDS", "4.5")
     monkeypatch.setenv("MS2MG_DEFAULT_RESOURCES", '{"limits": {"memory": "8Gi"}}')
     monkeypatch.setenv("MS2MG_DEFAULT_TTL_SECONDS_AFTER_FINISHED", "60")
     monkeypatch.setenv("MS2MG_LOG_FORMAT", "json")
@@ -33,7 +46,12 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, settings: OperatorSettings
     assert loaded.converter_image == "registry.example/c:2"
     assert loaded.watch_namespaces == ["team-a", "team-b"]
     assert not loaded.all_namespaces
-    assert loaded.allowed_images == ["registry.example/"]
+    assert loaded.allowed_images == ["registry.example/*", "docker.io/ms2mg/converter@sha256:" + "a" * 64]
+    assert [p.text for p in loaded.image_patterns] == loaded.allowed_images
+    assert loaded.allowed_service_accounts == ["converter", "reader"]
+    assert loaded.service_account_allowed("reader") and loaded.service_account_allowed("ms2mg-converter")
+    assert not loaded.service_account_allowed("default")
+    assert (loaded.recheck_seconds, loaded.progress_seconds) == (7.0, 4.5)
     assert loaded.default_resources == {"limits": {"memory": "8Gi"}}
     assert loaded.default_ttl_seconds_after_finished == 60
     assert loaded.log_format == "json"
@@ -41,7 +59,11 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, settings: OperatorSettings
 
 
 @pytest.mark.parametrize(("name", "value"), [("MS2MG_LOG_FORMAT", "xml"), ("MS2MG_METRICS_PORT", "70000"),
-                                             ("MS2MG_DEFAULT_BACKOFF_LIMIT", "-1")])
+                                             ("MS2MG_DEFAULT_BACKOFF_LIMIT", "-1"),
+                                             ("MS2MG_ALLOWED_IMAGES", "registry.example/"),
+                                             ("MS2MG_ALLOWED_IMAGES", "registry.example/ms2mg*"),
+                                             ("MS2MG_CONVERTER_IMAGE", "Not An Image"),
+                                             ("MS2MG_RECHECK_SECONDS", "0"), ("MS2MG_PROGRESS_SECONDS", "-1")])
 def test_bad_environment(monkeypatch: pytest.MonkeyPatch, settings: OperatorSettings, name: str,
                          value: str) -> None:
     monkeypatch.setenv(name, value)

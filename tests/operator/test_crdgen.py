@@ -103,7 +103,9 @@ def test_names_columns_and_subresources() -> None:
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns["Status"] == ".status.conditions[-1:].reason"
+    assert columns["Status"] == ".status.phase"
+    assert columns["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert columns["Message"] == '.status.conditions[?(@.type=="Ready")].message'
     assert columns["TP"] == ".spec.parallelism.tensor"
     assert columns["PP"] == ".spec.parallelism.pipeline"
     assert columns["Progress"] == ".status.progress"

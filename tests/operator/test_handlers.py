@@ -45,7 +45,12 @@ def new_body(spec: dict[str, Any] | None = None, name: str = "llama") -> dict[st
 
 @pytest.fixture
 def fast(settings: OperatorSettings) -> OperatorSettings:
-    return settings.model_copy(update={"recheck_seconds": 0.3, "api_timeout_seconds": 5.0})
+    return settings.model_copy(update={"recheck_seconds": 0.3, "progress_seconds": 0.3, "api_timeout_seconds": 5.0})
+
+
+def slow(settings: OperatorSettings) -> OperatorSettings:
+    """Poller intervals far beyond the test's timeouts: only watch events can bring what a test waits for."""
+    return settings.model_copy(update={"recheck_seconds": 600.0, "progress_seconds": 600.0})
 
 
 @pytest.fixture
@@ -77,9 +82,9 @@ async def test_happy_path(cluster: Cluster, fast: OperatorSettings) -> None:
         assert has("Verified", reason="Verified")(body)
         assert body["status"]["result"]["bytes"] == 2048
         assert status_conditions(body)[-1] == ("Succeeded", "True", "Converted")
-        body = await cluster.wait(lambda b: not b["metadata"].get("finalizers"))  # timer stopped
+        assert not body["metadata"].get("finalizers")  # the operator never sets one
         assert not any(k.startswith("kopf.zalando.org") for k in body["metadata"].get("annotations", {}))
-        assert set(body["status"]) <= {"observedGeneration", "conditions", "jobName", "startTime",
+        assert set(body["status"]) <= {"observedGeneration", "phase", "conditions", "jobName", "startTime",
                                        "completionTime", "progress", "result"}
     events = [r.data for r in cluster.kmock["post", km.resource("v1/events")]]
     assert {"JobCreated", "Converted"} <= {e["reason"] for e in events}
@@ -171,9 +176,9 @@ async def test_dropped_job_watch_recovers(cluster: Cluster, fast: OperatorSettin
 
 
 async def _job_failure_arrives_by_watch(cluster: Cluster, fast: OperatorSettings, timeout: float) -> Obj:
-    """Create a conversion, fail its Job (DeadlineExceeded) and wait for Failed, with the operator's timer too slow
-    to notice (poll every 60 s): only the Job watch, which the caller disrupts, can bring the outcome."""
-    async with running_operator(cluster.kmock, fast, poll_interval=60):
+    """Create a conversion, fail its Job (DeadlineExceeded) and wait for Failed, with the operator's poller too
+    slow to notice: only the Job watch, which the caller disrupts, can bring the outcome."""
+    async with running_operator(cluster.kmock, slow(fast)):
         await cluster.post(CONVERSIONS, new_body())
         await cluster.wait(has("Accepted", reason="JobCreated"))
         [job] = await cluster.wait_jobs(1)
@@ -216,16 +221,96 @@ async def test_restart_adopts_without_a_second_job(cluster: Cluster, fast: Opera
 
 
 async def test_kueue_queued_job(cluster: Cluster, fast: OperatorSettings) -> None:
+    """Queued (the last condition is exactly Queued), admitted, converting, preempted (suspended again by Kueue:
+    Running=False Preempted, Queued=True, STATUS Queued), admitted again -- all from Job and pod watch events."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, slow(fast)):
+        await cluster.post(CONVERSIONS, new_body(spec_with(queueName="team-a")))
+        body = await cluster.wait(has("Queued", reason="WaitingForAdmission"))
+        assert status_conditions(body)[-1] == ("Queued", "True", "WaitingForAdmission")
+        assert body["status"]["phase"] == "Queued"
+        [job] = await cluster.wait_jobs(1)
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        name = job["metadata"]["name"]
+        await cluster.patch(f"{JOBS}/{name}", {"spec": {"suspend": False}})  # admitted
+        await cluster.run_pod(job, "Running", {"running": {}})
+        body = await cluster.wait(has("Running", "True", "Converting"))
+        assert status_conditions(body)[-2:] == [("Queued", "False", "Admitted"), ("Running", "True", "Converting")]
+        assert body["status"]["phase"] == "Running"
+        await cluster.patch(f"{JOBS}/{name}", {"spec": {"suspend": True}})  # preempted: suspended again
+        body = await cluster.wait(has("Running", "False", "Preempted"))
+        assert status_conditions(body)[-2:] == [("Queued", "True", "WaitingForAdmission"),
+                                                ("Running", "False", "Preempted")]
+        assert body["status"]["phase"] == "Queued"
+        assert condition(body, "Ready")["reason"] == "Preempted"  # type: ignore[index]
+        assert condition(body, "Reconciling")["status"] == "True"  # type: ignore[index]
+        await cluster.patch(f"{JOBS}/{name}", {"spec": {"suspend": False}})  # admitted again
+        body = await cluster.wait(has("Queued", "False", "Admitted"))
+        assert status_conditions(body)[-1][:2] == ("Running", "True")  # the pod of the test still runs
+
+
+async def test_no_finalizer_and_leftover_finalizers_are_removed(cluster: Cluster, fast: OperatorSettings) -> None:
+    """The operator puts no finalizer on a resource, in any state (a resource deleted while it is down must not
+    hang), and removes the one older versions left (`ms2mg.io/kopf-finalizer`), also from a resource that was
+    deleted while no operator ran."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    stale = new_body(name="stale")
+    stale["metadata"]["finalizers"] = ["ms2mg.io/kopf-finalizer"]
+    await cluster.post(CONVERSIONS, stale)
+    await cluster.delete(f"{CONVERSIONS}/stale")  # kept, Terminating, by the leftover finalizer
+    terminating = await cluster.conversion("stale")
+    assert terminating["metadata"].get("deletionTimestamp")
+    async with running_operator(cluster.kmock, fast):
+        await cluster.post(CONVERSIONS, new_body())
+        body = await cluster.wait(has("Accepted", reason="JobCreated"))
+        [job] = await cluster.wait_jobs(1)
+        await cluster.run_pod(job, "Running", {"running": {}})
+        body = await cluster.wait(has("Running", "True", "Converting"))  # progress polled meanwhile
+        assert "finalizers" not in body["metadata"] or body["metadata"]["finalizers"] == []
+        assert await _gone(cluster, "stale"), "kopf did not release the leftover finalizer"
+    patches = list(cluster.kmock["patch", km.resource("ms2mg.io/v1alpha1/checkpointconversions")])
+    assert not any("finalizers" in str(r.data) and "llama" in str(r.url) for r in patches)
+
+
+async def _gone(cluster: Cluster, name: str, timeout: float = 20) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await cluster.get(f"{CONVERSIONS}/{name}") is None:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_deleting_the_older_resource_starts_the_waiting_one_at_once(cluster: Cluster,
+                                                                          fast: OperatorSettings) -> None:
+    """A destination conflict clears when the older resource is deleted: its deletion event re-checks the waiting
+    resources of the namespace at once (the periodic re-check is far beyond this test's timeout)."""
+    await cluster.add_pvcs("mindformers", "megatron")
+    async with running_operator(cluster.kmock, slow(fast)):
+        await cluster.post(CONVERSIONS, new_body(name="first"))
+        await cluster.wait(has("Accepted", reason="JobCreated"), name="first")
+        await cluster.post(CONVERSIONS, new_body(name="second"))
+        body = await cluster.wait(has("Accepted", "False", "DestinationConflict"), name="second")
+        assert body["status"]["phase"] == "Waiting"
+        await cluster.delete(f"{CONVERSIONS}/first")
+        await cluster.wait(has("Accepted", reason="JobCreated"), name="second")
+
+
+async def test_queued_resources_are_not_polled(cluster: Cluster, fast: OperatorSettings) -> None:
+    """While a resource waits in its queue (no pod), the operator makes no request about it: the poller runs
+    every 0.3 s here, yet no GET of the resource and no log read follow the Queued status."""
     await cluster.add_pvcs("mindformers", "megatron")
     async with running_operator(cluster.kmock, fast):
         await cluster.post(CONVERSIONS, new_body(spec_with(queueName="team-a")))
         await cluster.wait(has("Queued", reason="WaitingForAdmission"))
-        [job] = await cluster.wait_jobs(1)
-        assert job["spec"]["suspend"] is True
-        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-        await cluster.patch(f"{JOBS}/{job['metadata']['name']}", {"spec": {"suspend": False}})
-        body = await cluster.wait(has("Queued", "False", "Admitted"))
-        assert status_conditions(body)[-1][0] in ("Queued", "Running")
+        await cluster.wait_jobs(1)
+        seen = len(list(cluster.kmock["get", km.resource("ms2mg.io/v1alpha1/checkpointconversions")]))
+        await asyncio.sleep(3)  # ten poller periods
+        gets = list(cluster.kmock["get", km.resource("ms2mg.io/v1alpha1/checkpointconversions")])
+        named = [r for r in gets[seen:] if str(r.url).rstrip("/").endswith("/llama")]
+        assert named == []
+        assert list(cluster.kmock["get", km.subresource("log")]) == []
 
 
 # --- issue 6: API faults ---------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ms2mg_converter.result import ConversionResult, ProgressEvent
-from ms2mg_operator.api.v1alpha1 import CheckpointConversionStatus, ConditionType
-from ms2mg_operator.observe import JobInfo, Observation, PodInfo
+from ms2mg_converter.result import ConversionResult
+from ms2mg_operator.api.v1alpha1 import CheckpointConversionStatus, ConditionType, Phase
+from ms2mg_operator.observe import JobInfo, Observation, PodInfo, Progress
 from ms2mg_operator.status import (
     Acceptance,
     acceptance_changed,
@@ -32,8 +32,8 @@ BAD_VERIFY = ConversionResult(status="Failed", reason="VerificationFailed", exit
 
 
 def job(**kw: object) -> JobInfo:
-    base: dict[str, object] = {"name": "llama-g1-x", "generation": 1, "suspended": False, "active": 0,
-                               "complete": False, "failure": None, "start_time": T0, "completion_time": None}
+    base: dict[str, object] = {"name": "llama-g1-x", "suspended": False, "complete": False, "failure": None,
+                               "start_time": T0, "completion_time": None}
     base.update(kw)
     return JobInfo(**base)  # type: ignore[arg-type]
 
@@ -65,21 +65,21 @@ def accepted(*rest: tuple[str, str, str]) -> list[tuple[str, str, str]]:
 CASES = [
     Case("invalid-spec", None, [("Accepted", "False", "InvalidSpec")],
          acceptance=Acceptance(False, "InvalidSpec", "spec.source.path: must be relative")),
-    Case("job-created-no-pod", Observation(job=job(active=1)), accepted(("Running", "False", "Pending")),
+    Case("job-created-no-pod", Observation(job=job()), accepted(("Running", "False", "Pending")),
          checks={"job_name": "llama-g1-x", "start_time": T0}),
     Case("nothing-known-yet", Observation(job=None), accepted()),
     Case("queued", Observation(job=job(suspended=True), queued=True),
          accepted(("Queued", "True", "WaitingForAdmission"))),
-    Case("admitted-running", Observation(job=job(active=1), pod=pod("Running"), queued=True,
-                                         progress=ProgressEvent(done=37, total=112, bytes=10)),
+    Case("admitted-running", Observation(job=job(), pod=pod("Running"), queued=True,
+                                         progress=Progress(done=37, total=112)),
          accepted(("Queued", "False", "Admitted"), ("Running", "True", "Converting")),
          checks={"progress": "37/112"}),
-    Case("image-pull", Observation(job=job(active=1), pod=pod("Pending", waiting_reason="ImagePullBackOff",
+    Case("image-pull", Observation(job=job(), pod=pod("Pending", waiting_reason="ImagePullBackOff",
                                                                 waiting_message="Back-off pulling image")),
          accepted(("Running", "False", "ImagePullBackOff"))),
-    Case("pod-pending", Observation(job=job(active=1), pod=pod("Pending")),
+    Case("pod-pending", Observation(job=job(), pod=pod("Pending")),
          accepted(("Running", "False", "PodPending"))),
-    Case("retrying", Observation(job=job(active=0), pod=terminated("disk full", 6)),
+    Case("retrying", Observation(job=job(), pod=terminated("disk full", 6)),
          accepted(("Running", "False", "Retrying"))),
     Case("succeeded-verified",
          Observation(job=job(complete=True, completion_time=T1), pod=terminated(OK, 0, "Completed")),
@@ -124,8 +124,47 @@ CASES = [
 ]
 
 
+PHASES: dict[str, tuple[Phase, str]] = {
+    "invalid-spec": (Phase.REJECTED, "InvalidSpec"),
+    "job-created-no-pod": (Phase.PENDING, "Pending"),
+    "nothing-known-yet": (Phase.PENDING, "JobCreated"),
+    "queued": (Phase.QUEUED, "WaitingForAdmission"),
+    "admitted-running": (Phase.RUNNING, "Converting"),
+    "image-pull": (Phase.PENDING, "ImagePullBackOff"),
+    "pod-pending": (Phase.PENDING, "PodPending"),
+    "retrying": (Phase.PENDING, "Retrying"),
+    "succeeded-verified": (Phase.SUCCEEDED, "Converted"),
+    "succeeded-unverified": (Phase.SUCCEEDED, "Converted"),
+    "succeeded-garbage-message": (Phase.SUCCEEDED, "JobComplete"),
+    "failed-invalid-source": (Phase.FAILED, "InvalidSource"),
+    "failed-verification": (Phase.FAILED, "VerificationFailed"),
+    "failed-oom": (Phase.FAILED, "OOMKilled"),
+    "failed-deadline": (Phase.FAILED, "DeadlineExceeded"),
+    "failed-crash-output": (Phase.FAILED, "BackoffLimitExceeded"),
+    "failed-odd-reason": (Phase.FAILED, "ConversionFailed"),
+    "job-deleted-while-running": (Phase.FAILED, "JobDeleted"),
+}
+"""Phase and Ready reason of each case."""
+SUMMARY_TYPES = ("Ready", "Reconciling", "Stalled")
+
+
 def summary(status: CheckpointConversionStatus) -> list[tuple[str, str, str]]:
-    return [(c.type.value, c.status.value, c.reason) for c in status.conditions]
+    """The stage conditions (the summary conditions are checked by `check_summary`)."""
+    return [(c.type.value, c.status.value, c.reason) for c in status.conditions if c.type.value not in SUMMARY_TYPES]
+
+
+def check_summary(status: CheckpointConversionStatus, phase: Phase, reason: str) -> None:
+    """Ready (True only when Succeeded), then Reconciling=True while work goes on or Stalled=True when only a spec
+    change helps, all with the deciding stage's reason, in front of the stages."""
+    head = [(c.type.value, c.status.value, c.reason) for c in status.conditions[:2]]
+    ready = ("Ready", "True" if phase == Phase.SUCCEEDED else "False", reason)
+    if phase == Phase.SUCCEEDED:
+        assert head[0] == ready and head[1][0] not in SUMMARY_TYPES
+    elif phase in (Phase.REJECTED, Phase.FAILED):
+        assert head == [ready, ("Stalled", "True", reason)]
+    else:
+        assert head == [ready, ("Reconciling", "True", reason)]
+    assert status.phase == phase
 
 
 def lookup(status: CheckpointConversionStatus, dotted: str) -> object:
@@ -143,6 +182,7 @@ def test_derive(case: Case) -> None:
     status = derive_status(case.previous, generation=1, now=T0, acceptance=case.acceptance,
                            observation=case.observation)
     assert summary(status) == case.expected
+    check_summary(status, *PHASES[case.id])
     assert status.observed_generation == 1
     assert all(c.observed_generation == 1 and c.last_transition_time == T0 for c in status.conditions)
     for dotted, expected in case.checks.items():
@@ -155,8 +195,8 @@ def test_derive(case: Case) -> None:
 
 def running_status() -> CheckpointConversionStatus:
     return derive_status(None, generation=1, now=T0, acceptance=CREATED,
-                         observation=Observation(job=job(active=1), pod=pod("Running"),
-                                                 progress=ProgressEvent(done=1, total=4, bytes=1)))
+                         observation=Observation(job=job(), pod=pod("Running"),
+                                                 progress=Progress(done=1, total=4)))
 
 
 def succeeded_status() -> CheckpointConversionStatus:
@@ -167,7 +207,7 @@ def succeeded_status() -> CheckpointConversionStatus:
 def test_transition_time_kept_while_status_unchanged() -> None:
     first = running_status()
     later = derive_status(first, generation=1, now=T1, observation=Observation(
-        job=job(active=1), pod=pod("Running"), progress=ProgressEvent(done=3, total=4, bytes=3)))
+        job=job(), pod=pod("Running"), progress=Progress(done=3, total=4)))
     running = later.condition(ConditionType.RUNNING)
     assert running is not None and running.last_transition_time == T0
     assert later.progress == "3/4"
@@ -180,7 +220,7 @@ def test_transition_time_kept_while_status_unchanged() -> None:
 
 def test_progress_kept_when_no_new_line() -> None:
     later = derive_status(running_status(), generation=1, now=T1, observation=Observation(
-        job=job(active=1), pod=pod("Running")))
+        job=job(), pod=pod("Running")))
     assert later.progress == "1/4"
 
 
@@ -202,7 +242,7 @@ def test_new_generation_starts_over() -> None:
     done = succeeded_status()
     gen2 = derive_status(done, generation=2, now=T1 + timedelta(hours=1),
                          acceptance=Acceptance(True, "JobCreated", "Job llama-g2-y created"),
-                         observation=Observation(job=job(name="llama-g2-y", generation=2, active=1)))
+                         observation=Observation(job=job(name="llama-g2-y")))
     assert summary(gen2) == [("Accepted", "True", "JobCreated"), ("Running", "False", "Pending")]
     accepted = gen2.condition(ConditionType.ACCEPTED)
     assert accepted is not None and accepted.last_transition_time == T0 and accepted.observed_generation == 2
@@ -242,3 +282,72 @@ def test_transitions_and_terminal() -> None:
     first = acceptance_changed(None, running)
     assert first is not None and first.reason == "JobCreated"
     assert acceptance_changed(running, done) is None
+
+
+def test_every_case_has_its_phase() -> None:
+    assert set(PHASES) == {c.id for c in CASES}
+
+
+def stages(status: CheckpointConversionStatus) -> list[tuple[str, str, str]]:
+    return summary(status)
+
+
+def test_kueue_preemption_requeues() -> None:
+    """Admitted, converting, then suspended again by Kueue (preemption): Running=False Preempted and Queued=True,
+    not a stale Running=True Converting; admitted again: back to Pending/Running."""
+    waiting = derive_status(None, generation=1, now=T0, acceptance=CREATED,
+                            observation=Observation(job=job(suspended=True), queued=True))
+    assert stages(waiting)[-1] == ("Queued", "True", "WaitingForAdmission")  # exactly: no Running stage yet
+    converting = derive_status(waiting, generation=1, now=T0, observation=Observation(
+        job=job(), pod=pod("Running"), queued=True, progress=Progress(done=5, total=12)))
+    assert stages(converting)[1:] == [("Queued", "False", "Admitted"), ("Running", "True", "Converting")]
+    preempted = derive_status(converting, generation=1, now=T1, observation=Observation(
+        job=job(suspended=True), pod=pod("Running"), queued=True))
+    assert stages(preempted) == [("Accepted", "True", "JobCreated"), ("Queued", "True", "WaitingForAdmission"),
+                                 ("Running", "False", "Preempted")]
+    check_summary(preempted, Phase.QUEUED, "Preempted")
+    assert preempted.progress == "5/12"
+    queued = preempted.condition(ConditionType.QUEUED)
+    assert queued is not None and queued.last_transition_time == T1
+    again = derive_status(preempted, generation=1, now=T1, observation=Observation(job=job(), queued=True))
+    assert stages(again)[1:] == [("Queued", "False", "Admitted"), ("Running", "False", "Pending")]
+    check_summary(again, Phase.PENDING, "Pending")
+
+
+def test_suspended_by_hand_after_start() -> None:
+    """Without a queue: a Job suspended after it started reads Suspended; cleared again, Queued goes False."""
+    running = running_status()
+    suspended = derive_status(running, generation=1, now=T1, observation=Observation(job=job(suspended=True)))
+    assert stages(suspended)[1:] == [("Queued", "True", "WaitingForAdmission"), ("Running", "False", "Suspended")]
+    assert "spec.suspend is cleared" in (suspended.condition(ConditionType.QUEUED) or CREATED).message
+    resumed = derive_status(suspended, generation=1, now=T1, observation=Observation(job=job(), pod=pod("Running")))
+    assert stages(resumed)[1:] == [("Queued", "False", "Admitted"), ("Running", "True", "Converting")]
+
+
+def test_a_finished_job_is_never_queued() -> None:
+    """Kubernetes may leave spec.suspend set on a Job that has finished: the outcome wins."""
+    done = derive_status(running_status(), generation=1, now=T1, observation=Observation(
+        job=job(suspended=True, complete=True), pod=terminated(OK, 0)))
+    check_summary(done, Phase.SUCCEEDED, "Converted")
+
+
+def test_waiting_phases() -> None:
+    for reason in ("DestinationConflict", "SourcePVCNotFound", "DestinationPVCNotFound", "WaitingForPreviousJob"):
+        status = derive_status(None, generation=1, now=T0, acceptance=Acceptance(False, reason, "wait"))
+        check_summary(status, Phase.WAITING, reason)
+        assert awaits_recheck(status, 1)
+    for reason in ("ImageNotAllowed", "ServiceAccountNotAllowed", "ParallelismMismatch", "JobNameConflict"):
+        status = derive_status(None, generation=1, now=T0, acceptance=Acceptance(False, reason, "no"))
+        check_summary(status, Phase.REJECTED, reason)
+        assert not awaits_recheck(status, 1)
+
+
+def test_summary_follows_the_stages_and_keeps_its_transition_time() -> None:
+    running = running_status()
+    later = derive_status(running, generation=1, now=T1, observation=Observation(job=job(), pod=pod("Running")))
+    reconciling = later.condition(ConditionType.RECONCILING)
+    assert reconciling is not None and reconciling.last_transition_time == T0
+    done = succeeded_status()
+    assert done.condition(ConditionType.RECONCILING) is None and done.condition(ConditionType.STALLED) is None
+    ready = done.condition(ConditionType.READY)
+    assert ready is not None and ready.status.value == "True" and ready.last_transition_time == T1

@@ -232,7 +232,9 @@ class CheckpointConversionSpec(_Spec):
     allow_nonfinite: bool = Field(default=False, description="--allow-nonfinite: convert weights holding "
                                                              "NaN/Inf instead of refusing.")
     image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^[^\s]+$",
-                              description="Converter image. Default: the operator's converter image.")
+                              description="Converter image. Default: the operator's converter image. Must match "
+                                          "the operator's allowed images (default: its converter image's "
+                                          "repository).")
     resources: OpenObject | None = Field(
         default=None, description="Container resources (requests/limits), as in a Pod. Default: the "
                                   "operator's default resources.")
@@ -245,7 +247,8 @@ class CheckpointConversionSpec(_Spec):
         default=None, max_length=16, description="Secrets to pull the converter image with.")
     service_account_name: ObjectName | None = Field(
         default=None, description="ServiceAccount of the converter pod (its token is never mounted). "
-                                  "Default: the operator's converter ServiceAccount.")
+                                  "Default: the operator's converter ServiceAccount; others must be on the "
+                                  "operator's allow-list.")
     priority_class_name: ObjectName | None = Field(default=None, description="PriorityClass of the pod.")
     queue_name: Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE)] | None = Field(
         default=None, description="Kueue LocalQueue: the Job gets the kueue.x-k8s.io/queue-name label and "
@@ -269,10 +272,25 @@ class CheckpointConversionSpec(_Spec):
 
 
 class ConditionType(StrEnum):
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
     ACCEPTED = "Accepted"
     QUEUED = "Queued"
     RUNNING = "Running"
     VERIFIED = "Verified"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Phase(StrEnum):
+    """One-word summary of the state, for the STATUS column and simple clients (the conditions hold the detail)."""
+
+    WAITING = "Waiting"
+    REJECTED = "Rejected"
+    QUEUED = "Queued"
+    PENDING = "Pending"
+    RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -286,7 +304,8 @@ class ConditionStatus(StrEnum):
 class Condition(_Status):
     """One aspect of the state, following the Kubernetes API conventions (metav1.Condition)."""
 
-    type: ConditionType = Field(description="Accepted, Queued, Running, Verified, Succeeded or Failed.")
+    type: ConditionType = Field(description="Ready, Reconciling, Stalled (the kstatus/Flux summary), or a stage: "
+                                            "Accepted, Queued, Running, Verified, Succeeded, Failed.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, pattern=CONDITION_REASON,
                         description="CamelCase reason of the last transition.")
@@ -318,10 +337,16 @@ class CheckpointConversionStatus(_Status):
 
     observed_generation: int | None = Field(default=None,
                                             description="The .metadata.generation last handled.")
+    phase: Phase | None = Field(
+        default=None, description="Summary of the observed generation's state: Waiting (for a PVC, an older "
+                                  "conversion of the same destination or the previous generation's pods), Rejected "
+                                  "(the spec must change), Queued, Pending, Running, Succeeded or Failed.")
     conditions: list[Condition] = Field(
         default_factory=list, max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="Conditions in the order the conversion reaches them; the last one is the latest stage.")
+        description="Ready (True only when converted), Reconciling (True while work is under way) and Stalled "
+                    "(True when only a spec change can help), then the stages in the order the conversion "
+                    "reaches them; the last one is the latest stage.")
     job_name: str | None = Field(default=None, max_length=63,
                                  description="The Job of the observed generation.")
     start_time: datetime | None = Field(default=None, description="When the Job started.")
