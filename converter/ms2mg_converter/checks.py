@@ -6,7 +6,8 @@ The converter runs them on the inferred architecture; the operator runs them on 
 
 from __future__ import annotations
 
-from ms2mg_converter.config import ModelOverrides
+from ms2mg_converter.config import ModelOverrides, PipelineLayout
+from ms2mg_converter.pipeline import layout_problems
 
 
 def padded_vocab_size(true_vocab: int, divisible_by: int, tp: int) -> int:
@@ -15,10 +16,13 @@ def padded_vocab_size(true_vocab: int, divisible_by: int, tp: int) -> int:
     return -(-true_vocab // multiple) * multiple
 
 
-def parallelism_problems(model: ModelOverrides, tp: int, pp: int) -> list[str]:
+def parallelism_problems(model: ModelOverrides, tp: int, pp: int,
+                         layout: PipelineLayout | None = None) -> list[str]:
     """Every reason the given architecture values cannot be split TP x PP (empty when fine or unknown).
 
-    Values that are None are skipped: the converter checks them again once the tensors are known.
+    Values that are None are skipped: the converter checks them again once the tensors are known. `layout`
+    places the layers on the stages (uneven stages, virtual chunks; `pipeline.layout_problems`); its rules
+    between flags are checked even when the number of layers is not known yet.
     """
     problems: list[str] = []
     if tp < 1 or pp < 1:
@@ -29,12 +33,10 @@ def parallelism_problems(model: ModelOverrides, tp: int, pp: int) -> list[str]:
             problems.append(f"{what} ({value}) is not divisible by {by_what} ({by})")
 
     heads, groups = model.num_attention_heads, model.num_query_groups
-    need(model.num_layers, "num_layers", pp, "pipeline parallel size")
     need(heads, "num_attention_heads", tp, "tensor parallel size")
     need(groups, "num_query_groups", tp, "tensor parallel size")
     need(model.ffn_hidden_size, "ffn_hidden_size", tp, "tensor parallel size")
     if heads is not None and groups is not None and heads % groups:
         problems.append(f"num_attention_heads ({heads}) is not divisible by num_query_groups ({groups})")
-    if model.num_layers is not None and model.num_layers < pp:
-        problems.append(f"num_layers ({model.num_layers}) is smaller than pipeline parallel size ({pp})")
+    problems += layout_problems(model.num_layers, pp, layout or PipelineLayout())
     return problems

@@ -129,6 +129,26 @@ class LayoutConfig(BaseModel):
     then per source rank ([Q_r;K_r;V_r] ...), because MindFormers splits each rank's own slice."""
 
 
+class PipelineLayout(BaseModel):
+    """How the layers are spread over the pipeline stages and virtual chunks of the output.
+
+    Field names are Megatron-LM's argument names (flags `--decoder-first-pipeline-num-layers` ...), and they
+    are stored as such in the checkpoint's `args`. All None: every stage holds num_layers / PP layers, one
+    chunk per stage. The rules that combine them are in `pipeline.py`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    decoder_first_pipeline_num_layers: int | None = Field(default=None, ge=1)
+    """Layers on the first pipeline stage (the other stages share the rest evenly)."""
+    decoder_last_pipeline_num_layers: int | None = Field(default=None, ge=1)
+    """Layers on the last pipeline stage."""
+    num_layers_per_virtual_pipeline_stage: int | None = Field(default=None, ge=1)
+    """Layers per virtual chunk (interleaved schedule); only with evenly split stages, as in Megatron."""
+    num_virtual_stages_per_pipeline_rank: int | None = Field(default=None, ge=1)
+    """Virtual chunks per pipeline rank (interleaved schedule); the way to combine them with uneven stages."""
+
+
 class ConvertConfig(BaseModel):
     """One conversion request."""
 
@@ -138,6 +158,7 @@ class ConvertConfig(BaseModel):
     save_dir: Path | None = None
     tensor_parallel: int = Field(default=1, ge=1)
     pipeline_parallel: int = Field(default=1, ge=1)
+    pipeline_layout: PipelineLayout = PipelineLayout()
     model: ModelOverrides = ModelOverrides()
     vocab: VocabConfig = VocabConfig()
     layouts: LayoutConfig = LayoutConfig()

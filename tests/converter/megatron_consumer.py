@@ -6,11 +6,15 @@ shared/docs/megatron-core-as-test-consumer.md).
   allow-listing `argparse.Namespace`.
 * `model_setup(args, ...)` builds the `TransformerConfig` and `GPTModel` arguments from the checkpoint's own
   `args` only, so a field the converter forgot makes the model wrong and the test fail.
-* `load_all_ranks_strict(ckpt)` (approach C): one process, fake size/rank-only process groups; every rank
-  file goes into the GPTModel of its (tp, pp) rank with `load_state_dict(strict=True)`.
-* `logits_in_process(ckpt, ids)`: TP=1, any PP, stages chained in one process.
+* `load_all_ranks_strict(ckpt)` (approach C): one process, fake size/rank-only process groups; every state
+  dict of every rank file (`model`, or `model0`, `model1`, ... with virtual pipeline chunks) goes into the
+  GPTModel of its (tp, pp, virtual stage) with `load_state_dict(strict=True)`.
+* `layer_placement(args)`: which global layers megatron-core itself puts in each (pp rank, virtual stage),
+  from its own `get_transformer_layer_offset` / `get_num_layers_to_build`.
+* `logits_in_process(ckpt, ids)`: TP=1, any PP and virtual stages, chunks chained in one process.
 * `logits_multiprocess(ckpts, ids)` (approach D): tp·pp real gloo processes (`initialize_model_parallel`),
-  send/recv between stages, vocab-parallel logits all-gathered; results come back through files.
+  send/recv between stages (and from the last stage back to the first between virtual stages),
+  vocab-parallel logits all-gathered; results come back through files.
 """
 
 from __future__ import annotations
@@ -44,6 +48,16 @@ class Checkpoint:
     pp: int
     args: argparse.Namespace
 
+    @property
+    def vp(self) -> int:
+        """Model chunks per rank file (virtual pipeline stages; 1 without)."""
+        return virtual_size(self.args) or 1
+
+    @property
+    def chunk_keys(self) -> list[str]:
+        """The state dict keys of every rank file, as Megatron-LM's checkpointing writes them."""
+        return ["model"] if self.vp == 1 else [f"model{v}" for v in range(self.vp)]
+
     def rank_path(self, t: int, p: int) -> Path:
         name = f"mp_rank_{t:02d}" if self.pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
         return self.root / f"iter_{self.iteration:07d}" / name / "model_optim_rng.pt"
@@ -56,8 +70,9 @@ def load_rank_file(path: Path) -> dict[str, Any]:
     torch.serialization.add_safe_globals([argparse.Namespace])
     sd = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(sd, dict), f"{path}: not a dict"
-    missing = {"args", "checkpoint_version", "iteration", "model"} - set(sd)
+    missing = {"args", "checkpoint_version", "iteration"} - set(sd)
     assert not missing, f"{path}: top-level keys {sorted(missing)} missing"
+    assert "model" in sd or "model0" in sd, f"{path}: no model state dict ({sorted(sd)})"
     assert sd["checkpoint_version"] == 3.0, f"{path}: checkpoint_version {sd['checkpoint_version']}"
     assert isinstance(sd["args"], argparse.Namespace), f"{path}: args is {type(sd['args'])}"
     return sd
@@ -86,7 +101,24 @@ def open_checkpoint(root: Path) -> Checkpoint:
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), \
         f"args say TP{args.tensor_model_parallel_size}/PP{args.pipeline_model_parallel_size}, " \
         f"rank dirs TP{tp}/PP{pp}"
-    return Checkpoint(root, iteration, tp, pp, args)
+    ckpt = Checkpoint(root, iteration, tp, pp, args)
+    models = sorted(k for k in first if k.startswith("model"))
+    assert models == sorted(ckpt.chunk_keys), f"rank (0, 0) holds {models}, args say {ckpt.chunk_keys}"
+    return ckpt
+
+
+def virtual_size(args: argparse.Namespace) -> int | None:
+    """`virtual_pipeline_model_parallel_size` as Megatron-LM's `validate_args` derives it from the flags stored
+    in `args` (core_r0.12.0), checked against the stored value."""
+    per_chunk = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    chunks = getattr(args, "num_virtual_stages_per_pipeline_rank", None)
+    assert per_chunk is None or chunks is None, "both virtual pipeline flags are set"
+    derived = chunks
+    if per_chunk is not None:
+        derived = args.num_layers // args.pipeline_model_parallel_size // per_chunk
+    stored = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    assert stored == derived, f"virtual_pipeline_model_parallel_size {stored}, the flags give {derived}"
+    return derived
 
 
 # ---------------------------------------------------------------------------------------- model set-up
@@ -144,6 +176,10 @@ def model_setup(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, dict
         normalization=args.normalization, layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        # megatron.training.arguments.core_transformer_config_from_args: the uneven-stage flags and the virtual size
+        virtual_pipeline_model_parallel_size=virtual_size(args),
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=False, attention_dropout=0.0, hidden_dropout=0.0,
     )
@@ -212,9 +248,19 @@ def te_like(model: Any, spec: str) -> Any:
     return model
 
 
-def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtype | None = None,
+def chunk_roles(args: argparse.Namespace, p: int, v: int) -> dict[str, Any]:
+    """GPTModel's pre_process / post_process / vp_stage for chunk v of pipeline rank p, as Megatron-LM's
+    `get_model` chooses them (`mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v)`)."""
+    pp, vp = args.pipeline_model_parallel_size, virtual_size(args)
+    last_v = (vp or 1) - 1
+    return {"pre_process": p == 0 and v == 0, "post_process": p == pp - 1 and v == last_v,
+            "vp_stage": v if vp is not None else None}
+
+
+def build_rank_model(args: argparse.Namespace, t: int, p: int, v: int = 0, dtype: torch.dtype | None = None,
                      te: str | None = None) -> Any:
-    """Approach C: the GPTModel of rank (t, p) of the checkpoint's TP×PP, in this process (`te`: see `te_like`)."""
+    """Approach C: the GPTModel of rank (t, p), virtual stage v, of the checkpoint's TP×PP, in this process
+    (`te`: see `te_like`)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -223,8 +269,24 @@ def build_rank_model(args: argparse.Namespace, t: int, p: int, dtype: torch.dtyp
     config, kwargs = model_setup(args, dtype or params_dtype(args))
     groups = ProcessGroupCollection(tp=SizeOnlyGroup(tp, t), pp=SizeOnlyGroup(pp, p), cp=SizeOnlyGroup(1, 0),
                                     embd=None, pos_embd=None)
-    model = GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
+    model = GPTModel(config, pg_collection=groups, **chunk_roles(args, p, v), **kwargs)
     return te_like(model, te) if te else model
+
+
+def layer_placement(args: argparse.Namespace) -> dict[tuple[int, int], range]:
+    """(pp rank, virtual stage) -> the global layers megatron-core builds there (its own functions)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    config, _ = model_setup(args, params_dtype(args))
+    vp = virtual_size(args)
+    out = {}
+    for p in range(args.pipeline_model_parallel_size):
+        for v in range(vp or 1):
+            stage = v if vp is not None else None
+            start = get_transformer_layer_offset(config, stage, p) if args.pipeline_model_parallel_size > 1 else 0
+            out[(p, v)] = range(start, start + get_num_layers_to_build(config, stage, p))
+    return out
 
 
 def _strict_load(model: Any, state: dict[str, Any], where: str) -> None:
@@ -236,10 +298,11 @@ def _strict_load(model: Any, state: dict[str, Any], where: str) -> None:
     assert not result.unexpected_keys, f"{where}: {result}"
 
 
-def load_all_ranks_strict(ckpt: Checkpoint, te: str | None = None) -> dict[tuple[int, int], Any]:
-    """Load every rank file strictly into its rank's GPTModel; check the args of every file agree.
+def load_all_ranks_strict(ckpt: Checkpoint, te: str | None = None) -> dict[tuple[int, int, int], Any]:
+    """Load every state dict of every rank file strictly into its chunk's GPTModel; check that the args of
+    every file agree and that every file holds exactly the chunk keys the args call for (`te`: see `te_like`).
 
-    Returns the loaded models by (t, p). Shapes are checked by the strict load (size mismatch raises).
+    Returns the loaded models by (t, p, v). Shapes are checked by the strict load (size mismatch raises).
     """
     models = {}
     dtype = params_dtype(ckpt.args)
@@ -248,25 +311,33 @@ def load_all_ranks_strict(ckpt: Checkpoint, te: str | None = None) -> dict[tuple
             sd = ckpt.load_rank(t, p)
             where = str(ckpt.rank_path(t, p))
             assert vars(sd["args"]) == vars(ckpt.args), f"{where}: args differ from rank (0, 0)"
-            tensors = [v for v in sd["model"].values() if isinstance(v, torch.Tensor)]
-            assert tensors, f"{where}: no tensors"
-            assert all(v.dtype == dtype for v in tensors), f"{where}: tensors are not all {dtype}"
-            model = build_rank_model(ckpt.args, t, p, te=te)
-            _strict_load(model, sd["model"], where)
-            models[(t, p)] = model
+            stored = sorted(k for k in sd if k.startswith("model"))
+            assert stored == sorted(ckpt.chunk_keys), f"{where}: holds {stored}, expected {ckpt.chunk_keys}"
+            for v, key in enumerate(ckpt.chunk_keys):
+                tensors = [x for x in sd[key].values() if isinstance(x, torch.Tensor)]
+                assert tensors, f"{where} {key}: no tensors"
+                assert all(x.dtype == dtype for x in tensors), f"{where} {key}: tensors are not all {dtype}"
+                model = build_rank_model(ckpt.args, t, p, v, te=te)
+                _strict_load(model, sd[key], f"{where} {key}")
+                models[(t, p, v)] = model
     return models
+
+
+def chunk_order(ckpt: Checkpoint) -> list[tuple[int, int]]:
+    """(pp rank, virtual stage) in forward order: every stage's chunk v before any stage's chunk v + 1."""
+    return [(p, v) for v in range(ckpt.vp) for p in range(ckpt.pp)]
 
 
 @torch.no_grad()
 def logits_in_process(ckpt: Checkpoint, input_ids: torch.Tensor, te: str | None = None) -> torch.Tensor:
-    """Logits `[b, s, padded_vocab]` (fp32) of a TP=1 checkpoint, PP stages chained in this process."""
+    """Logits `[b, s, padded_vocab]` (fp32) of a TP=1 checkpoint, all chunks chained in this process."""
     assert ckpt.tp == 1, "a TP>1 forward needs real process groups: use logits_multiprocess"
     models = load_all_ranks_strict(ckpt, te)
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     hidden: torch.Tensor | None = None
-    for p in range(ckpt.pp):
-        model = models[(0, p)].eval()
-        if p == 0:
+    for p, v in chunk_order(ckpt):
+        model = models[(0, p, v)].eval()
+        if hidden is None:
             out = model(input_ids=input_ids, position_ids=positions, attention_mask=None)
         else:
             model.set_input_tensor(hidden)
@@ -278,12 +349,54 @@ def logits_in_process(ckpt: Checkpoint, input_ids: torch.Tensor, te: str | None 
 
 # ----------------------------------------------------------------------------------- approach D (gloo)
 
+def _rank_chunks(ckpt: Checkpoint, t: int, p: int) -> list[Any]:
+    """This process's chunk models (one per virtual stage), built on the real process groups, loaded strict."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    config, kwargs = model_setup(ckpt.args, params_dtype(ckpt.args))
+    sd = ckpt.load_rank(t, p)
+    models = []
+    for v, key in enumerate(ckpt.chunk_keys):
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        groups.embd = None  # skip the tied-embedding all-reduce (it moves weights to CUDA); the load fills it
+        model = GPTModel(config, pg_collection=groups, **chunk_roles(ckpt.args, p, v), **kwargs)
+        _strict_load(model, sd[key], f"{ckpt.rank_path(t, p)} {key}")
+        models.append(model.eval())
+    return models
+
+
+@torch.no_grad()
+def _forward_chunks(ckpt: Checkpoint, t: int, p: int, ids: torch.Tensor, out_file: str) -> None:
+    """Run this rank's chunks in pipeline order: receive from the previous stage (the last stage, between
+    virtual stages), compute, send on; the last chunk of the last stage gathers the vocab-parallel logits."""
+    from megatron.core import parallel_state as ps
+
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    hidden_shape = (ids.shape[1], ids.shape[0], ckpt.args.hidden_size)  # [s, b, h]
+    order = chunk_order(ckpt)
+    for v, model in enumerate(_rank_chunks(ckpt, t, p)):
+        if (p, v) == order[0]:
+            out = model(input_ids=ids, position_ids=positions, attention_mask=None)
+        else:
+            buf = torch.empty(hidden_shape, dtype=params_dtype(ckpt.args))
+            torch.distributed.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(buf)
+            out = model(input_ids=None, position_ids=positions, attention_mask=None)
+        if (p, v) != order[-1]:
+            torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            continue
+        parts = [torch.empty_like(out) for _ in range(ckpt.tp)]
+        torch.distributed.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        if t == 0:
+            torch.save(torch.cat(parts, dim=-1).float(), out_file)
+
+
 def _worker(rank: int, world: int, store_file: str, jobs: Sequence[tuple[str, str]],
             ids: torch.Tensor) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     install_cpu_patches()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
@@ -292,36 +405,10 @@ def _worker(rank: int, world: int, store_file: str, jobs: Sequence[tuple[str, st
     tp, pp = first.tp, first.pp
     ps.initialize_model_parallel(tp, pp)
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
     for ckpt_dir, out_file in jobs:
         ckpt = open_checkpoint(Path(ckpt_dir))
         assert (ckpt.tp, ckpt.pp) == (tp, pp), f"{ckpt_dir}: TP{ckpt.tp}/PP{ckpt.pp}, batch is TP{tp}/PP{pp}"
-        dtype = params_dtype(ckpt.args)
-        config, kwargs = model_setup(ckpt.args, dtype)
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        groups = ProcessGroupCollection.use_mpu_process_groups()
-        groups.embd = None  # skip the tied-embedding all-reduce (it moves weights to CUDA); the load fills it
-        model = GPTModel(config, pre_process=p == 0, post_process=p == pp - 1, pg_collection=groups, **kwargs)
-        _strict_load(model, ckpt.load_rank(t, p)["model"], str(ckpt.rank_path(t, p)))
-        model.eval()
-        hidden_shape = (ids.shape[1], ids.shape[0], ckpt.args.hidden_size)  # [s, b, h]
-        with torch.no_grad():
-            if p == 0:
-                out = model(input_ids=ids, position_ids=positions, attention_mask=None)
-            else:
-                buf = torch.empty(hidden_shape, dtype=dtype)
-                torch.distributed.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
-                model.set_input_tensor(buf)
-                out = model(input_ids=None, position_ids=positions, attention_mask=None)
-            if p < pp - 1:
-                torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            else:
-                parts = [torch.empty_like(out) for _ in range(tp)]
-                tp_group = ps.get_tensor_model_parallel_group()
-                torch.distributed.all_gather(parts, out.contiguous(), group=tp_group)
-                if t == 0:
-                    torch.save(torch.cat(parts, dim=-1).float(), out_file)
+        _forward_chunks(ckpt, t, p, ids, out_file)
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -356,8 +443,9 @@ def logits_multiprocess(ckpt_dirs: Sequence[Path], input_ids: torch.Tensor,
 
 
 def rank_shapes(ckpt: Checkpoint) -> Iterator[tuple[tuple[int, int], dict[str, tuple[int, ...]]]]:
-    """(t, p) and the tensor shapes of that rank file (for diagnostics)."""
+    """(t, p) and the tensor shapes of that rank file, keyed `<state dict>/<key>` (for diagnostics)."""
     for p in range(ckpt.pp):
         for t in range(ckpt.tp):
-            model = ckpt.load_rank(t, p)["model"]
-            yield (t, p), {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
+            sd = ckpt.load_rank(t, p)
+            yield (t, p), {f"{m}/{k}": tuple(v.shape) for m in ckpt.chunk_keys for k, v in sd[m].items()
+                           if isinstance(v, torch.Tensor)}

@@ -1,9 +1,10 @@
 """Test helper: re-merge a written Megatron checkpoint and undo every layout step, with torch only.
 
 `merge_checkpoint` reads all rank files with `torch.load(weights_only=True)`, renumbers pipeline-local
-layers to global ones, maps TransformerEngine key names back, and merges tensor-parallel shards with
-Megatron's rules (`Split.merge`). `back_to_source` then applies the inverse layout operations
-so the result can be compared, bit for bit, with the source tensors cast to the output dtype.
+layers to global ones (megatron-core's own placement, uneven stages and virtual chunks included), maps
+TransformerEngine key names back, and merges tensor-parallel shards with Megatron's rules (`Split.merge`).
+`back_to_source` then applies the inverse layout operations so the result can be compared, bit for bit,
+with the source tensors cast to the output dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ms2mg_converter.config import Fc1Layout, QkvLayout
 from ms2mg_converter.layout import GluFused, QkvFused, Split
+from tests.converter.megatron_consumer import layer_placement
 
 TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
             "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -53,29 +55,52 @@ def load_rank_files(root: Path) -> tuple[dict[tuple[int, int], dict[str, Any]], 
     return files, args
 
 
-def _canonical(key: str, stage: int, per_stage: int) -> str:
+def _canonical(key: str, first_layer: int) -> str:
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
     if not m:
         return key
     rest = TE_NAMES.get(m.group(2), m.group(2))
-    return f"decoder.layers.{stage * per_stage + int(m.group(1))}.{rest}"
+    return f"decoder.layers.{first_layer + int(m.group(1))}.{rest}"
+
+
+def _state_dicts(sd: dict[str, Any], p: int, args: argparse.Namespace,
+                 placement: dict[tuple[int, int], range]) -> list[tuple[range, dict[str, Any]]]:
+    """(global layers, state dict) of each model chunk of rank file (·, p): `model`, or `model0`, ... ."""
+    chunks = 1 + max(v for _, v in placement)
+    keys = ["model"] if chunks == 1 else [f"model{v}" for v in range(chunks)]
+    assert sorted(k for k in sd if k.startswith("model")) == sorted(keys), (p, sorted(sd))
+    out = []
+    for v, key in enumerate(keys):
+        layers = placement[(p, v)]
+        local = {int(k.split(".")[2]) for k in sd[key] if k.startswith("decoder.layers.")}
+        assert local == set(range(len(layers))), (p, key, sorted(local), layers)
+        pre, post = p == 0 and v == 0, p == args.pipeline_model_parallel_size - 1 and v == chunks - 1
+        assert ("embedding.word_embeddings.weight" in sd[key]) == pre, (p, key)
+        assert ("decoder.final_layernorm.weight" in sd[key]) == post, (p, key)
+        out.append((layers, sd[key]))
+    return out
 
 
 def merge_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace]:
-    """Full (TP1/PP1) Megatron tensors by canonical name; `_extra_state` entries are checked to be None."""
+    """Full (TP1/PP1) Megatron tensors by canonical name; `_extra_state` entries are checked to be None.
+
+    Pipeline-local layer numbers become global ones with megatron-core's own placement (`layer_placement`:
+    uneven stages, virtual chunks), not the converter's."""
     files, args = load_rank_files(root)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     assert set(files) == {(t, p) for t in range(tp) for p in range(pp)}
+    placement = layer_placement(args)
     shards: dict[str, list[torch.Tensor]] = defaultdict(list)
     for (_t, p), sd in sorted(files.items()):
-        for key, value in sd["model"].items():
-            if key.endswith("_extra_state"):
-                assert value is None, key
-                continue
-            name = _canonical(key, p, args.num_layers // pp)
-            if name == "output_layer.weight" and not args.untie_embeddings_and_output_weights:
-                name = "tied-output-copy"
-            shards[name].append(value)
+        for layers, model in _state_dicts(sd, p, args, placement):
+            for key, value in model.items():
+                if key.endswith("_extra_state"):
+                    assert value is None, key
+                    continue
+                name = _canonical(key, layers.start)
+                if name == "output_layer.weight" and not args.untie_embeddings_and_output_weights:
+                    name = "tied-output-copy"
+                shards[name].append(value)
     merged = {n: Split(split_kind(n) if n != "tied-output-copy" else "vocab").merge(s, args.swiglu)
               for n, s in shards.items()}
     if "tied-output-copy" in merged:

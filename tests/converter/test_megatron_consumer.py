@@ -109,9 +109,9 @@ class Samples:
         return self._sources[name]
 
     def converted(self, name: str, tp: int, pp: int, spec: SampleSpec | None = None,
-                  **kw: str | None) -> Path:
+                  extra: tuple[str, ...] = (), **kw: str | None) -> Path:
         spec = spec or SPECS[name]
-        flags = convert_flags(spec, tp, pp, **kw) + EXTRA_FLAGS.get(name, [])
+        flags = convert_flags(spec, tp, pp, **kw) + EXTRA_FLAGS.get(name, []) + list(extra)
         key = (name, *flags)
         if key not in self._converted:
             src, _ = self.source(name, spec)

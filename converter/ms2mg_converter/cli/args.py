@@ -20,6 +20,7 @@ from ms2mg_converter.config import (
     ModelOverrides,
     Normalization,
     PadFill,
+    PipelineLayout,
     PositionEmbedding,
     QkvLayout,
     SourceDigest,
@@ -65,6 +66,16 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel size of the output (default 1)")
     g.add_argument("--target-pipeline-parallel-size", "--pp", dest="pp", type=int, default=1, metavar="N",
                    help="pipeline-parallel size of the output (default 1)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
+                   help="layers on the first pipeline stage (uneven stages; the stages in between share the "
+                        "rest evenly; Megatron's flag of the same name)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
+                   help="layers on the last pipeline stage (uneven stages)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N",
+                   help="virtual pipeline chunks of N layers each (interleaved schedule; rank files hold "
+                        "model0, model1, ...); evenly split stages only")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None, metavar="N",
+                   help="N virtual pipeline chunks per stage (interleaved schedule); also with uneven stages")
 
 
 def _bool_flag(g: argparse._ArgumentGroup, name: str, help_text: str) -> None:
@@ -198,6 +209,7 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
             save_dir=getattr(ns, "save_dir", None),
             tensor_parallel=ns.tp,
             pipeline_parallel=ns.pp,
+            pipeline_layout=PipelineLayout(**{n: getattr(ns, n) for n in PipelineLayout.model_fields}),
             model=_model_overrides(ns),
             vocab=VocabConfig(true_vocab_size=_true_vocab(ns),
                               make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
@@ -218,5 +230,12 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
             save_root=getattr(ns, "save_root", None),
         )
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{_flag_of(err['loc'])}: {err['msg']}" for err in e.errors())
         raise UsageError(f"invalid flags: {problems}.") from e
+
+
+def _flag_of(loc: tuple[int | str, ...]) -> str:
+    """The flag behind a validation error's location (the pipeline layout fields are Megatron's flag names)."""
+    if loc and str(loc[-1]) in PipelineLayout.model_fields:
+        return "--" + str(loc[-1]).replace("_", "-")
+    return ".".join(str(p) for p in loc)

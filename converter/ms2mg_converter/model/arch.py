@@ -255,7 +255,7 @@ def _cross_check(given: ModelOverrides, arch: Architecture) -> None:
 def _check_split(cfg: ConvertConfig, values: ModelOverrides, vocab_rows: int) -> None:
     """The divisibility rules, as soon as the numbers are known: every problem at once, with the numbers."""
     tp = cfg.tensor_parallel
-    problems = parallelism_problems(values, tp, cfg.pipeline_parallel)
+    problems = parallelism_problems(values, tp, cfg.pipeline_parallel, cfg.pipeline_layout)
     if problems and cfg.vocab.true_vocab_size is None and vocab_rows % tp:
         problems.append(f"the embedding has {vocab_rows} rows, not divisible by TP {tp}, and no "
                         "--true-vocab-size was given to pad it")

@@ -4,6 +4,13 @@ Megatron's `load_args_from_checkpoint` / `check_checkpoint_args` and its checkpo
 (target-format.md §3.1, §6 and the appendix). The reference pipeline leaves out `group_query_attention`,
 `untie_embeddings_and_output_weights`, `add_qkv_bias` and `kv_channels`, which silently turns GQA into
 MHA, unties nothing and loses Qwen2-style biases; every one of them is written here.
+
+The pipeline layout fields are the same for every output format (the legacy `torch` files depend on the
+layout, `torch_dist` files do not, but their `args` do): `decoder_first/last_pipeline_num_layers`,
+`num_layers_per_virtual_pipeline_stage` / `num_virtual_stages_per_pipeline_rank` as the user gave them, and
+`virtual_pipeline_model_parallel_size` as Megatron-LM's `validate_args` derives it from them (core_r0.12.0).
+Megatron's `load_args_from_checkpoint` (`--use-checkpoint-args`) restores only the virtual size and
+`num_layers_per_virtual_pipeline_stage` of these, so uneven stages must be given again when training.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from dataclasses import dataclass
 
 from ms2mg_converter.config import ConvertConfig, DType
 from ms2mg_converter.model.arch import Architecture
+from ms2mg_converter.pipeline import virtual_stages
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,7 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "tokenizer_type": cfg.tokenizer_type,
         "tensor_model_parallel_size": cfg.tensor_parallel,
         "pipeline_model_parallel_size": cfg.pipeline_parallel,
-        "virtual_pipeline_model_parallel_size": None,
-        "num_layers_per_virtual_pipeline_stage": None,
+        **_pipeline_args(arch, cfg),
         "expert_model_parallel_size": 1,
         "num_experts": None,
         "sequence_parallel": False,
@@ -74,4 +81,15 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "iteration": 1,
         "consumed_train_samples": 0,
         "consumed_valid_samples": 0,
+    }
+
+
+def _pipeline_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
+    layout = cfg.pipeline_layout
+    return {
+        "virtual_pipeline_model_parallel_size": virtual_stages(arch.num_layers, cfg.pipeline_parallel, layout),
+        "num_layers_per_virtual_pipeline_stage": layout.num_layers_per_virtual_pipeline_stage,
+        "num_virtual_stages_per_pipeline_rank": layout.num_virtual_stages_per_pipeline_rank,
+        "decoder_first_pipeline_num_layers": layout.decoder_first_pipeline_num_layers,
+        "decoder_last_pipeline_num_layers": layout.decoder_last_pipeline_num_layers,
     }

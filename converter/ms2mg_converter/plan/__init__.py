@@ -1,11 +1,11 @@
 """Plan: every output file, every entry in it and the source rows that fill it, from headers only (no torch).
 
 * `target`: where Megatron puts each tensor (split kind per tensor, pipeline placement, key names and order);
-* `entries`: the plan's data (`Plan`, `FilePlan`, `Group`, `TensorEntry`, `ExtraEntry`, `Read`);
+* `entries`: the plan's data (`Plan`, `FilePlan`, `Chunk`, `Group`, `TensorEntry`, `ExtraEntry`, `Read`);
 * `build`: `build_plan(config)`: source view + architecture -> bound layout operations -> rank slices.
 
-Public names: `build_plan`, `layout_op`, `Plan`, `FilePlan`, `Group`, `TensorEntry`, `ExtraEntry`, `Entry`,
-`Read`, `TRACKER`.
+Public names: `build_plan`, `layout_op`, `Plan`, `FilePlan`, `Chunk`, `Group`, `TensorEntry`, `ExtraEntry`,
+`Entry`, `Read`, `TRACKER`.
 """
 
 from ms2mg_converter.plan.build import build_plan, check_parallelism, layout_op
@@ -14,6 +14,7 @@ from ms2mg_converter.plan.entries import (
     DTYPE_BYTES,
     ITERATION_DIR,
     TRACKER,
+    Chunk,
     Entry,
     ExtraEntry,
     FilePlan,
@@ -23,5 +24,5 @@ from ms2mg_converter.plan.entries import (
     TensorEntry,
 )
 
-__all__ = ["CHECKPOINT_FILE", "DTYPE_BYTES", "ITERATION_DIR", "TRACKER", "Entry", "ExtraEntry", "FilePlan", "Group",
-           "Plan", "Read", "TensorEntry", "build_plan", "check_parallelism", "layout_op"]
+__all__ = ["CHECKPOINT_FILE", "DTYPE_BYTES", "ITERATION_DIR", "TRACKER", "Chunk", "Entry", "ExtraEntry", "FilePlan",
+           "Group", "Plan", "Read", "TensorEntry", "build_plan", "check_parallelism", "layout_op"]

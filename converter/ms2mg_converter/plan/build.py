@@ -11,9 +11,11 @@ from ms2mg_converter.layout import LayoutOp, Run, Split, VocabResize, concat, co
 from ms2mg_converter.model.arch import Architecture, infer_architecture
 from ms2mg_converter.model.megatron_args import megatron_args
 from ms2mg_converter.names import fill
+from ms2mg_converter.pipeline import ChunkPlacement
 from ms2mg_converter.plan.entries import (
     CHECKPOINT_FILE,
     ITERATION_DIR,
+    Chunk,
     Entry,
     ExtraEntry,
     FilePlan,
@@ -22,7 +24,7 @@ from ms2mg_converter.plan.entries import (
     Read,
     TensorEntry,
 )
-from ms2mg_converter.plan.target import Slot, rank_dir, rank_slots, split_of
+from ms2mg_converter.plan.target import Slot, chunk_slots, rank_chunks, rank_dir, split_of
 from ms2mg_converter.source.index import SourceIndex, open_source
 from ms2mg_converter.source.resolve import Logical, SourceView, resolve
 
@@ -58,16 +60,18 @@ def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertCo
 
 
 def _group_label(slot: Slot) -> str:
-    if slot.key.startswith("decoder.layers."):
-        return "layer " + slot.key.split(".")[2]
+    if slot.layer is not None:
+        return f"layer {slot.layer}"
     return "embedding" if slot.key.startswith("embedding.") else "final"
 
 
-def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int) -> FilePlan:
+def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int,
+           placement: ChunkPlacement) -> Chunk:
+    """One state dict of rank file (t, p), grouped by layer (the unit of progress)."""
     groups: list[Group] = []
     current: list[Entry] = []
     label = ""
-    for slot in rank_slots(arch, cfg.transformer_impl, cfg.pipeline_parallel, p, cfg.final_norm_extra_state):
+    for slot in chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state):
         here = _group_label(slot)
         if current and here != label:
             groups.append(Group(label, tuple(current)))
@@ -83,14 +87,21 @@ def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int,
         current.append(_entry(slot, logical, (arch, cfg, t)))
     if current:
         groups.append(Group(label, tuple(current)))
+    return Chunk(placement.key, placement.layers, tuple(groups))
+
+
+def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int) -> FilePlan:
+    chunks = tuple(_chunk(view, arch, cfg, t, p, c)
+                   for c in rank_chunks(arch, cfg.pipeline_parallel, p, cfg.pipeline_layout))
     path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel)}/{CHECKPOINT_FILE}"
-    return FilePlan(path, t, p, tuple(groups))
+    return FilePlan(path, t, p, chunks)
 
 
 def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
     values = ModelOverrides(num_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
                             num_query_groups=arch.num_query_groups, ffn_hidden_size=arch.ffn_hidden_size)
-    problems = parallelism_problems(values, cfg.tensor_parallel, cfg.pipeline_parallel)
+    problems = parallelism_problems(values, cfg.tensor_parallel, cfg.pipeline_parallel,
+                                    cfg.pipeline_layout)
     if arch.padded_vocab_size % cfg.tensor_parallel:
         problems.append(f"the padded vocabulary ({arch.padded_vocab_size}) is not divisible by tensor "
                         f"parallel size ({cfg.tensor_parallel})")

@@ -76,19 +76,44 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One state dict of a rank file: `model`, or `model0`, `model1`, ... with virtual pipeline chunks."""
+
+    key: str
+    layers: range
+    """The global layer numbers it holds (numbered from 0 inside the chunk)."""
+    groups: tuple[Group, ...]
+
+    def entries(self) -> Iterator[Entry]:
+        for g in self.groups:
+            yield from g.entries
+
+
+@dataclass(frozen=True)
 class FilePlan:
     path: str
     tp_rank: int
     pp_rank: int
-    groups: tuple[Group, ...]
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """Every chunk's groups, in file order."""
+        return tuple(g for c in self.chunks for g in c.groups)
 
     @property
     def tensor_bytes(self) -> int:
         return sum(g.nbytes for g in self.groups)
 
     def entries(self) -> Iterator[Entry]:
-        for g in self.groups:
-            yield from g.entries
+        for c in self.chunks:
+            yield from c.entries()
+
+    def chunk_entries(self) -> Iterator[tuple[str, Entry]]:
+        """(state dict key, entry) for every entry, in file order."""
+        for c in self.chunks:
+            for e in c.entries():
+                yield c.key, e
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 This is the one place that knows how Megatron distributes a parameter (Megatron-Bridge style): each
 canonical tensor has a split kind, and every model family reuses these rules. Key order per rank file
 follows Megatron's `state_dict()` order (local spec), including the `_extra_state` entries Megatron writes.
-Reference: target-format.md §4.3 (split rules), §4.4 (placement), §5.3 (names, local vs TE).
+Reference: target-format.md §4.3 (split rules), §4.4 (placement), §5.3 (names, local vs TE); which layers
+each pipeline stage and virtual chunk holds is `pipeline.placements`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ms2mg_converter.config import Normalization, TransformerImpl
+from ms2mg_converter.config import Normalization, PipelineLayout, TransformerImpl
 from ms2mg_converter.layout import Split
 from ms2mg_converter.model.arch import Architecture
 from ms2mg_converter.names import EMBED, FC1, FC2, OUTPUT, PROJ, QKV, L
+from ms2mg_converter.pipeline import ChunkPlacement, placements
 
 SPLITS: dict[str, Split] = {
     EMBED: Split.VOCAB,
@@ -38,7 +40,8 @@ EXTRA = "_extra_state"
 
 @dataclass(frozen=True)
 class Slot:
-    """One entry of a rank file's `model` dict: its key, and the canonical tensor (None: `_extra_state`)."""
+    """One entry of a rank file's `model` dict: its key, the canonical tensor (None: `_extra_state`) and the
+    global layer it belongs to (None: embedding, final norm, output layer)."""
 
     key: str
     template: str | None = None
@@ -56,14 +59,14 @@ def _linear(prefix: str, template: str, layer: int | None, bias: bool, extra: bo
     if bias:
         yield Slot(prefix + ".bias", template + ".bias", layer)
     if extra:
-        yield Slot(f"{prefix}.{EXTRA}")
+        yield Slot(f"{prefix}.{EXTRA}", None, layer)
 
 
 def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int) -> Iterator[Slot]:
     p, t = f"decoder.layers.{j}.", L
     te = impl is TransformerImpl.TRANSFORMER_ENGINE
     if te:
-        yield Slot(f"{p}self_attention.core_attention.{EXTRA}")
+        yield Slot(f"{p}self_attention.core_attention.{EXTRA}", None, layer)
     else:
         yield from _norm(arch, p + "input_layernorm", t + "input_layernorm", layer)
     yield from _linear(p + "self_attention.linear_proj", t + "self_attention.linear_proj", layer,
@@ -89,30 +92,31 @@ def _te_norm(arch: Architecture, prefix: str, template: str, layer: int) -> Iter
         yield Slot(prefix + ".layer_norm_bias", template + ".bias", layer)
 
 
-def stage_layers(arch: Architecture, pp: int, stage: int) -> range:
-    per = arch.num_layers // pp
-    return range(stage * per, (stage + 1) * per)
+def rank_chunks(arch: Architecture, pp: int, stage: int, layout: PipelineLayout) -> list[ChunkPlacement]:
+    """The model chunks of pipeline stage `stage`: one, or one per virtual stage (`pipeline.placements`)."""
+    return placements(arch.num_layers, pp, layout)[stage]
 
 
-def rank_slots(arch: Architecture, impl: TransformerImpl, pp: int, stage: int,
-               final_norm_extra_state: bool) -> Iterator[Slot]:
-    """The `model` entries of one rank file of pipeline stage `stage`, in Megatron's order."""
-    first, last = stage == 0, stage == pp - 1
-    if first:
+def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement,
+                final_norm_extra_state: bool) -> Iterator[Slot]:
+    """The entries of one chunk's state dict (`model` or `modelN` of a rank file), in Megatron's order."""
+    if chunk.pre_process:
         yield Slot("embedding.word_embeddings.weight", "embedding.word_embeddings.weight")
         if arch.position_embedding_type == "learned_absolute":
             yield Slot("embedding.position_embeddings.weight", "embedding.position_embeddings.weight")
-    for j, layer in enumerate(stage_layers(arch, pp, stage)):
+    for j, layer in enumerate(chunk.layers):
         yield from _layer_slots(arch, impl, j, layer)
-    if not last:
+    if not chunk.post_process:
         return
     yield from _norm(arch, "decoder.final_layernorm", "decoder.final_layernorm", None)
     if final_norm_extra_state:
         yield Slot(f"decoder.final_layernorm.{EXTRA}")
     if arch.untie_embeddings_and_output_weights:
         yield Slot("output_layer.weight", "output_layer.weight")
-    elif not first:
-        # Tied and PP > 1: the last stage holds a copy of its embedding shard (Megatron's saver does this).
+    elif not chunk.pre_process:
+        # Tied, and the embedding is in another chunk: the last chunk holds a copy of its embedding shard
+        # (Megatron's saver does this; GPTModel allocates output_layer.weight when post_process and not
+        # pre_process).
         yield Slot("output_layer.weight", "embedding.word_embeddings.weight")
     yield Slot(f"output_layer.{EXTRA}")
 

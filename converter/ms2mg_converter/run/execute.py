@@ -15,7 +15,14 @@ from ms2mg_converter.errors import ConversionIOError, VerificationError
 from ms2mg_converter.plan import Plan
 from ms2mg_converter.source.fingerprint import SourceFingerprint
 from ms2mg_converter.write import ProgressFn, WrittenFile, writer_for
-from ms2mg_converter.write.manifest import FileDigests, OutputFile, build_manifest, tensor_count, write_manifest
+from ms2mg_converter.write.manifest import (
+    FileDigests,
+    OutputFile,
+    build_manifest,
+    chunk_layers,
+    tensor_count,
+    write_manifest,
+)
 from ms2mg_converter.write.staging import Staging
 
 
@@ -61,7 +68,8 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
             timings["verify"] = _verify(plan, staging.path, files)
         outputs = [OutputFile(path=f.path.relative_to(staging.path).as_posix(), bytes=f.bytes, sha256=f.sha256,
                               tensor_parallel_rank=fp.tp_rank, pipeline_parallel_rank=fp.pp_rank,
-                              tensors=tensor_count(plan, fp.path)) for f, fp in zip(files, plan.files, strict=True)]
+                              tensors=tensor_count(plan, fp.path), layers=chunk_layers(fp))
+                   for f, fp in zip(files, plan.files, strict=True)]
         t0 = time.perf_counter()
         sources = fingerprint.result()
         timings["source_digest_wait"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ms2mg_converter.model.megatron_args import TorchGlobal
-from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
+from ms2mg_converter.plan import TRACKER, Chunk, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.verify.ckptfile import RankFile, StoredTensor, TorchName, peek
 from ms2mg_converter.verify.expected import TORCH_DTYPES, ExpectedTensors
 from ms2mg_converter.write.manifest import FileDigests
@@ -55,20 +55,31 @@ def _structure(fp: FilePlan, rf: RankFile, plan: Plan) -> list[str]:
     problems = [f"{fp.path}: {k} = {c.get(k)!r}, expected {v!r}"
                 for k, v in (("checkpoint_version", 3.0), ("iteration", 1)) if c.get(k) != v]
     problems += _args_problems(fp, c.get("args"), plan.args)
-    model = c.get("model")
-    expected = [e.key for e in fp.entries()]
+    stored = sorted(k for k in c if k.startswith("model"))
+    if stored != sorted(chunk.key for chunk in fp.chunks):
+        return [*problems, f"{fp.path}: holds the model state dicts {stored}, expected "
+                           f"{[chunk.key for chunk in fp.chunks]}"]
+    for chunk in fp.chunks:
+        problems += _chunk_structure(fp, chunk, c[chunk.key])
+    return problems
+
+
+def _chunk_structure(fp: FilePlan, chunk: Chunk, model: object) -> list[str]:
+    where = f"{fp.path}: {chunk.key}"
+    expected = [e.key for e in chunk.entries()]
     if not isinstance(model, dict) or list(model) != expected:
         got = list(model) if isinstance(model, dict) else model
-        return [*problems, f"{fp.path}: model keys differ from Megatron's: expected {expected}, got {got}"]
-    for e in fp.entries():
+        return [f"{where}: keys differ from Megatron's: expected {expected}, got {got}"]
+    problems = []
+    for e in chunk.entries():
         value = model[e.key]
         if isinstance(e, ExtraEntry):
             if value is not None:
-                problems.append(f"{fp.path}: {e.key} should be None")
+                problems.append(f"{where}: {e.key} should be None")
         elif not isinstance(value, StoredTensor):
-            problems.append(f"{fp.path}: {e.key} is not a tensor")
+            problems.append(f"{where}: {e.key} is not a tensor")
         elif value.shape != e.shape or value.dtype != TORCH_DTYPES[e.dtype]:
-            problems.append(f"{fp.path}: {e.key} is {value.dtype} {list(value.shape)}, expected "
+            problems.append(f"{where}: {e.key} is {value.dtype} {list(value.shape)}, expected "
                             f"{TORCH_DTYPES[e.dtype]} {list(e.shape)}")
     return problems
 
@@ -133,17 +144,17 @@ def _check_file(fp: FilePlan, path: Path, plan: Plan, expected: ExpectedTensors,
 
 def _compare_tensors(fp: FilePlan, rf: RankFile, expected: ExpectedTensors, report: VerifyReport,
                      threads: _Threads) -> None:
-    for entry in fp.entries():
+    for model, entry in fp.chunk_entries():
         if not isinstance(entry, TensorEntry):
             continue
         threads.widen_when_hashed()
-        stored = rf.content["model"][entry.key]
+        stored = rf.content[model][entry.key]
         with rf.tensor(stored) as got:
             bad = expected.mismatch(entry, fp.tp_rank, got)
         report.tensors += 1
         report.bytes += entry.nbytes
         if bad:
-            report.problems.append(f"{fp.path}: {entry.key}: {bad}")
+            report.problems.append(f"{fp.path}: {model}: {entry.key}: {bad}")
 
 
 def verify_checkpoint(plan: Plan, root: Path, digests: FileDigests | None = None) -> VerifyReport:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from ms2mg_converter import __version__
 from ms2mg_converter.config import ConvertConfig
 from ms2mg_converter.model.arch import Architecture
-from ms2mg_converter.plan import Plan, TensorEntry
+from ms2mg_converter.plan import FilePlan, Plan, TensorEntry
 from ms2mg_converter.source.fingerprint import SourceFileDigest, content_matches, headers_match
 
 MANIFEST_NAME = "ms2mg-manifest.json"
@@ -34,6 +34,9 @@ class OutputFile(BaseModel):
     tensor_parallel_rank: int | None = None
     pipeline_parallel_rank: int | None = None
     tensors: int = 0
+    layers: dict[str, list[int]] = {}
+    """Global layer numbers per state dict of the file (`model`, or `model0`, `model1`, ... with virtual
+    pipeline chunks); inside each state dict they are numbered from 0."""
 
 
 class SourceSummary(BaseModel):
@@ -87,6 +90,11 @@ def build_manifest(plan: Plan, command: list[str], outputs: list[OutputFile], ve
 def tensor_count(plan: Plan, path: str) -> int:
     fp = next(f for f in plan.files if f.path == path)
     return sum(isinstance(e, TensorEntry) for e in fp.entries())
+
+
+def chunk_layers(fp: FilePlan) -> dict[str, list[int]]:
+    """The manifest's `layers` of a rank file: state dict key -> global layer numbers."""
+    return {c.key: list(c.layers) for c in fp.chunks}
 
 
 def write_manifest(manifest: Manifest, directory: Path) -> Path:

@@ -28,19 +28,23 @@ POOL_BUFFERS = 4
 ARCHIVE = "model_optim_rng"
 
 
-
-
 def _pickle_for(fp: FilePlan, plan: Plan) -> bytes:
-    model: OrderedDict[str, TensorRef | None] = OrderedDict()
+    """The rank file's top-level dict, as Megatron-LM's `generate_state_dict` builds it: `args`,
+    `checkpoint_version`, `iteration`, then one state dict per model chunk (`model`, or `model0`, `model1`,
+    ... with virtual pipeline chunks). Storage keys count up through the file in the order the tensors are
+    streamed (`_Run._file`)."""
+    obj: dict[str, object] = {"args": argparse.Namespace(**plan.args), "checkpoint_version": 3.0, "iteration": 1}
     key = 0
-    for e in fp.entries():
-        if isinstance(e, ExtraEntry):
-            model[e.key] = None
-        else:
-            model[e.key] = TensorRef(str(key), e.dtype, e.shape)
-            key += 1
-    obj = {"args": argparse.Namespace(**plan.args), "checkpoint_version": 3.0, "iteration": 1, "model": model,
-           "num_floating_point_operations_so_far": 0}
+    for chunk in fp.chunks:
+        model: OrderedDict[str, TensorRef | None] = OrderedDict()
+        for e in chunk.entries():
+            if isinstance(e, ExtraEntry):
+                model[e.key] = None
+            else:
+                model[e.key] = TensorRef(str(key), e.dtype, e.shape)
+                key += 1
+        obj[chunk.key] = model
+    obj["num_floating_point_operations_so_far"] = 0
     return dumps(obj)
 
 
