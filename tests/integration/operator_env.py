@@ -508,7 +508,9 @@ class Env:
         return sa_user(self.namespace, self.rbac.service_account)
 
     def apply(self, *bodies: Obj) -> None:
-        self.cluster.apply(list(bodies), namespace=self.namespace)
+        """``kubectl apply`` of the resources; one request per resource, so the timeout grows with their number (a
+        loaded shared machine made 50 take over a minute)."""
+        self.cluster.apply(list(bodies), namespace=self.namespace, timeout=60.0 + 5.0 * len(bodies))
 
     def conversions(self) -> list[Obj]:
         return list_items(self.cluster, conversions_path(self.namespace))

@@ -319,6 +319,7 @@ class Cluster:
         *args: str,
         namespace: str | None = None,
         validate: bool = False,
+        timeout: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:
         """``kubectl apply -f -`` of YAML text or object(s). Client-side validation is off by default: kubectl's
         validation uses the 1.20 OpenAPI, which rejects ``x-kubernetes-validations`` in CRDs and newer Job fields."""
@@ -328,7 +329,8 @@ class Cluster:
             else yaml.safe_dump_all(manifest if isinstance(manifest, list) else [manifest])
         )
         return self.kubectl(
-            "apply", f"--validate={'true' if validate else 'false'}", "-f", "-", *args, input=text, namespace=namespace
+            "apply", f"--validate={'true' if validate else 'false'}", "-f", "-", *args, input=text, namespace=namespace,
+            timeout=timeout,
         )
 
     def get_raw(self, path: str, *, token: str | None = None, timeout: float = 10.0) -> Any:
