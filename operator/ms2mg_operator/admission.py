@@ -70,7 +70,8 @@ def admission_problem(kube: KubeClient, settings: OperatorSettings, conv: Checkp
     if problem is not None:
         return problem
     model = spec.model.to_overrides() if spec.model is not None else ModelOverrides()
-    problems = parallelism_problems(model, spec.parallelism.tensor, spec.parallelism.pipeline)
+    problems = parallelism_problems(model, spec.parallelism.tensor, spec.parallelism.pipeline,
+                                    spec.parallelism.to_layout())
     if problems:
         return Reason.PARALLELISM_MISMATCH, "; ".join(problems)
     other = _destination_conflict(kube, conv)

@@ -53,6 +53,7 @@ from ms2mg_operator.status import (
     Reason,
     acceptance_changed,
     awaits_recheck,
+    defaulted_note,
     derive_status,
     is_accepted,
     is_terminal,
@@ -157,6 +158,8 @@ def _record_outcome(ctx: Context, meta: ObjectMeta, new: CheckpointConversionSta
                                written_bytes=new.result.bytes if new.result is not None else None)
     message = cond.message if cond is not None else ""
     ctx.kube.emit_event(_involved(meta), "Normal" if succeeded else "Warning", reason, message)
+    if succeeded and new.result is not None and new.result.defaulted:
+        ctx.kube.emit_event(_involved(meta), "Warning", "ModelFactsDefaulted", defaulted_note(new.result.defaulted))
 
 
 def _reject(ctx: Context, meta: ObjectMeta, previous: CheckpointConversionStatus | None,

@@ -132,6 +132,10 @@ def _structural(node: object, *, keep_defaults: bool) -> object:
             continue
         if key == "additionalProperties" and value is False:
             continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020's numeric bound -> OpenAPI v3.0's bound plus a boolean, as Kubernetes wants it
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            value = True
         if key in ("properties", "items", "additionalProperties") and isinstance(value, dict):
             value = {k: _structural(v, keep_defaults=keep_defaults) for k, v in value.items()} \
                 if key == "properties" else _structural(value, keep_defaults=keep_defaults)

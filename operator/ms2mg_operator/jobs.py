@@ -39,6 +39,8 @@ CONTAINER_NAME = "convert"
 SOURCE_MOUNT = "/mnt/source"
 DESTINATION_MOUNT = "/mnt/destination"
 TMP_MOUNT = "/tmp"
+CONFIG_MOUNT = "/etc/ms2mg/model-config"
+CONFIG_FILE = "model.yaml"
 TERMINATION_LOG = "/dev/termination-log"
 MAX_NAME = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -101,6 +103,31 @@ def _model_args(spec: CheckpointConversionSpec) -> list[str]:
     return args
 
 
+def _parallel_args(spec: CheckpointConversionSpec) -> list[str]:
+    args = ["--target-tensor-parallel-size", str(spec.parallelism.tensor),
+            "--target-pipeline-parallel-size", str(spec.parallelism.pipeline)]
+    for name, value in spec.parallelism.to_layout().model_dump(exclude_none=True).items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def _source_args(spec: CheckpointConversionSpec) -> list[str]:
+    """The YAML and the layouts the tensors cannot tell."""
+    args: list[str] = []
+    if spec.config is not None and spec.config.path is not None:
+        args += ["--config", mounted_path(SOURCE_MOUNT, spec.config.path)]
+    elif spec.config is not None:
+        args += ["--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"]
+    layouts = spec.layouts
+    if layouts is not None and layouts.qkv is not None:
+        args += ["--qkv-layout", layouts.qkv.value]
+    if layouts is not None and layouts.fc1 is not None:
+        args += ["--fc1-layout", layouts.fc1.value]
+    if layouts is not None and layouts.source_tensor_parallel is not None:
+        args += ["--source-tensor-parallel-size", str(layouts.source_tensor_parallel)]
+    return args
+
+
 def convert_args(spec: CheckpointConversionSpec) -> list[str]:
     """`ms2mg convert` arguments (after the command) for a spec; flag names are those of cliargs.py."""
     args = [
@@ -109,19 +136,16 @@ def convert_args(spec: CheckpointConversionSpec) -> list[str]:
         "--save-dir", mounted_path(DESTINATION_MOUNT, spec.destination.path),
         "--load-root", SOURCE_MOUNT,
         "--save-root", DESTINATION_MOUNT,
-        "--target-tensor-parallel-size", str(spec.parallelism.tensor),
-        "--target-pipeline-parallel-size", str(spec.parallelism.pipeline),
+        *_parallel_args(spec),
         *_model_args(spec),
+        *_source_args(spec),
     ]
     if spec.vocab.true_size is not None:
         args += ["--true-vocab-size", str(spec.vocab.true_size)]
     args += ["--make-vocab-size-divisible-by", str(spec.vocab.make_divisible_by),
              "--vocab-pad-fill", spec.vocab.pad_fill.value]
-    if spec.layouts is not None and spec.layouts.qkv is not None:
-        args += ["--qkv-layout", spec.layouts.qkv.value]
-    if spec.layouts is not None and spec.layouts.fc1 is not None:
-        args += ["--fc1-layout", spec.layouts.fc1.value]
-    args += ["--dtype", spec.dtype.value, "--saver-transformer-impl", spec.transformer_impl.value]
+    args += ["--dtype", spec.dtype.value, "--saver-transformer-impl", spec.transformer_impl.value,
+             "--source-digest", spec.source_digest.value]
     if not spec.final_norm_extra_state:
         args.append("--no-final-norm-extra-state")
     for pattern in spec.ignore_keys or ():
@@ -145,14 +169,20 @@ def _volumes(spec: CheckpointConversionSpec,
         {"name": "destination", "mountPath": DESTINATION_MOUNT},
         {"name": "tmp", "mountPath": TMP_MOUNT},
     ]
+    extra: list[Manifest] = []
+    if spec.config is not None and spec.config.config_map is not None:
+        ref = spec.config.config_map
+        extra.append({"name": "model-config", "configMap": {"name": ref.name, "optional": False,
+                                                            "items": [{"key": ref.key, "path": CONFIG_FILE}]}})
+        mounts.append({"name": "model-config", "mountPath": CONFIG_MOUNT, "readOnly": True})
     if spec.source.pvc == spec.destination.pvc:
         mounts[0]["name"] = mounts[1]["name"] = "data"
         claim: Manifest = {"name": "data", "persistentVolumeClaim": {"claimName": spec.source.pvc}}
-        return [claim, tmp], mounts
+        return [claim, tmp, *extra], mounts
     return [
         {"name": "source", "persistentVolumeClaim": {"claimName": spec.source.pvc, "readOnly": True}},
         {"name": "destination", "persistentVolumeClaim": {"claimName": spec.destination.pvc}},
-        tmp,
+        tmp, *extra,
     ], mounts
 
 

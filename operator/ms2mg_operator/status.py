@@ -125,9 +125,19 @@ def _verified(verify: bool, result: ConversionResult | None) -> Target:
     return U, "ResultUnavailable", "The converter left no readable result, so verification is unknown."
 
 
+def defaulted_note(defaulted: list[str]) -> str:
+    """What a user must know when the converter set model facts to Megatron's defaults."""
+    return (f"Model facts not stated by spec.model, spec.config (the MindFormers YAML) or the naming family were "
+            f"set to Megatron's defaults: {', '.join(defaulted)}. If the model was trained with other values the "
+            "checkpoint computes wrong outputs: state them and convert again (spec.overwrite).")
+
+
 def _succeeded(job: JobInfo, result: ConversionResult | None) -> Target:
     if result is not None and result.status == "Succeeded":
-        return T, reason_or(result.reason, "Converted"), result.message or f"Job {job.name} completed."
+        message = result.message or f"Job {job.name} completed."
+        if result.defaulted:
+            message += " " + defaulted_note(result.defaulted)
+        return T, reason_or(result.reason, "Converted"), message
     return T, "JobComplete", f"Job {job.name} completed; the converter left no readable result."
 
 

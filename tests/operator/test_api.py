@@ -47,6 +47,15 @@ ACCEPTED = [
                            serviceAccountName="sa", priorityClassName="low", queueName="team-a",
                            backoffLimit=0, activeDeadlineSeconds=3600, ttlSecondsAfterFinished=0),
                  id="pod-settings"),
+    pytest.param(spec_with(config={"configMap": {"name": "qwen2-yaml", "key": "finetune_qwen2_7b.yaml"}},
+                           model={"rotaryBase": 1000000.0, "normEpsilon": 1e-6, "rotaryPercent": 0.5,
+                                  "rotaryInterleaved": True, "maxPositionEmbeddings": 32768},
+                           layouts={"qkv": "contiguous", "sourceTensorParallel": 4}, sourceDigest="sha256"),
+                 id="model-facts-configmap"),
+    pytest.param(spec_with(config={"path": "llama2-7b/run_llama2_7b.yaml"},
+                           parallelism={"tensor": 2, "pipeline": 4, "decoderFirstPipelineNumLayers": 6,
+                                        "decoderLastPipelineNumLayers": 6}), id="config-path-uneven-pp"),
+    pytest.param(spec_with(parallelism={"pipeline": 2, "numLayersPerVirtualPipelineStage": 2}), id="vpp"),
 ]
 
 REJECTED = [
@@ -80,6 +89,15 @@ REJECTED = [
     pytest.param(spec_with(**{"source.path": "a/b", "destination.pvc": "mindformers",
                               "destination.path": "a"}), "destination must not", id="source-inside-destination"),
     pytest.param(spec_with(backoffLimit=101), "less than or equal to 100", id="backoff-too-large"),
+    pytest.param(spec_with(config={}), "exactly one of configMap or path", id="config-neither"),
+    pytest.param(spec_with(config={"path": "a.yaml", "configMap": {"name": "c", "key": "k"}}),
+                 "exactly one of configMap or path", id="config-both"),
+    pytest.param(spec_with(config={"path": "../other/a.yaml"}), "'..'", id="config-path-escapes"),
+    pytest.param(spec_with(config={"configMap": {"name": "c", "key": "a/b"}}), "pattern", id="config-key-slash"),
+    pytest.param(spec_with(model={"rotaryBase": 0}), "greater than 0", id="rotary-base-zero"),
+    pytest.param(spec_with(model={"rotaryPercent": 1.5}), "less than or equal to 1", id="rotary-percent-above-1"),
+    pytest.param(spec_with(layouts={"sourceTensorParallel": 0}), "greater than or equal to 1", id="source-tp-zero"),
+    pytest.param(spec_with(sourceDigest="md5"), "crc32", id="bad-digest"),
 ]
 
 

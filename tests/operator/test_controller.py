@@ -366,6 +366,20 @@ def test_sync_follows_the_job_to_success(ctx: Context, kube: FakeKube) -> None:
     assert metric(ctx, "ms2mg_conversions_total", {"result": "succeeded", "reason": "Converted"}) == 1
 
 
+def test_defaulted_model_facts_raise_a_warning_event(ctx: Context, kube: FakeKube) -> None:
+    body = add(kube, make_body())
+    reconcile(ctx, NAMESPACE, "llama")
+    job = kube.jobs[expected_job(body)]
+    job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    result = ConversionResult(status="Succeeded", reason="Converted", verified=True, defaulted=["rotary_base"])
+    pod = running_pod("p1", "Succeeded", result.to_json())
+    sync(ctx, NAMESPACE, "llama", UID, jobs_of(job), pods_of(pod))
+    assert ("llama", "Normal", "Converted") in kube.events
+    assert ("llama", "Warning", "ModelFactsDefaulted") in kube.events
+    assert phase(kube) == Phase.SUCCEEDED
+    assert status_of(kube).result is not None and status_of(kube).result.defaulted == ["rotary_base"]  # type: ignore[union-attr]
+
+
 def test_sync_records_the_final_progress(ctx: Context, kube: FakeKube) -> None:
     """Found by the integration tests: the poller may last have seen "5/12"; the log of the finished pod is read
     once more, so a Succeeded conversion does not show a stale PROGRESS."""

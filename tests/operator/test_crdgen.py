@@ -14,6 +14,8 @@ from ms2mg_operator import crdgen
 from ms2mg_operator.api.v1alpha1 import PATH_RULES
 from tests.operator.test_api import ACCEPTED, spec_with
 
+# Kubernetes CRD schemas are OpenAPI v3.0: draft-4 keywords (boolean exclusiveMinimum/exclusiveMaximum).
+OPENAPI_V3 = jsonschema.Draft4Validator
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / crdgen.DEFAULT_OUTPUT
 
@@ -73,7 +75,7 @@ def test_defaults_only_in_spec_and_only_deliberate() -> None:
         ".spec.parallelism", ".spec.parallelism.tensor", ".spec.parallelism.pipeline",
         ".spec.vocab", ".spec.vocab.makeDivisibleBy", ".spec.vocab.padFill",
         ".spec.dtype", ".spec.transformerImpl", ".spec.verify", ".spec.overwrite", ".spec.finalNormExtraState",
-        ".spec.allowNonfinite",
+        ".spec.allowNonfinite", ".spec.sourceDigest",
     }
 
 
@@ -115,7 +117,7 @@ def test_names_columns_and_subresources() -> None:
 @pytest.mark.parametrize("spec", ACCEPTED)
 def test_schema_accepts_valid_resources(spec: dict[str, Any]) -> None:
     jsonschema.validate({"apiVersion": "ms2mg.io/v1alpha1", "kind": "CheckpointConversion",
-                         "metadata": {"name": "x"}, "spec": spec}, schema())
+                         "metadata": {"name": "x"}, "spec": spec}, schema(), cls=OPENAPI_V3)
 
 
 @pytest.mark.parametrize("spec", [
@@ -125,7 +127,7 @@ def test_schema_accepts_valid_resources(spec: dict[str, Any]) -> None:
 ])
 def test_schema_rejects_malformed_resources(spec: dict[str, Any]) -> None:
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"spec": spec}, schema())
+        jsonschema.validate({"spec": spec}, schema(), cls=OPENAPI_V3)
 
 
 def test_check_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,8 +38,15 @@ FULL = spec_with(
     queueName="team-a", backoffLimit=0, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600,
     finalNormExtraState=False, ignoreKeys=["rng_state*", "*.extra"], allowNonfinite=True,
 )
+FACTS = spec_with(
+    config={"configMap": {"name": "qwen2-yaml", "key": "finetune_qwen2_7b.yaml"}},
+    model={"rotaryBase": 1000000.0, "normEpsilon": 1e-6, "maxPositionEmbeddings": 32768},
+    layouts={"qkv": "contiguous", "fc1": "gate-up", "sourceTensorParallel": 4}, sourceDigest="sha256",
+    parallelism={"tensor": 2, "pipeline": 4, "decoderFirstPipelineNumLayers": 6, "decoderLastPipelineNumLayers": 6},
+)
 CASES = {
     "minimal": make_body(),
+    "facts": make_body(FACTS),
     "full": make_body(FULL, generation=3),
     "same-pvc": make_body(spec_with(**{"destination.pvc": "mindformers", "destination.path": "out/tp2-pp2"})),
 }
@@ -88,6 +95,33 @@ def test_args_parse_with_the_converter(case: str, settings: OperatorSettings) ->
     assert config.final_norm_extra_state is spec.final_norm_extra_state
     assert config.ignore_keys == tuple(spec.ignore_keys or ())
     assert config.allow_nonfinite is spec.allow_nonfinite
+    assert config.source_digest == spec.source_digest
+    assert config.pipeline_layout == spec.parallelism.to_layout()
+    if spec.layouts is not None:
+        assert config.layouts.source_tensor_parallel == spec.layouts.source_tensor_parallel
+
+
+def test_config_map_is_mounted_read_only_and_named_by_config(settings: OperatorSettings) -> None:
+    job: Any = render_job(conversion(CASES["facts"]), settings)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-config"]["configMap"] == {
+        "name": "qwen2-yaml", "optional": False, "items": [{"key": "finetune_qwen2_7b.yaml", "path": "model.yaml"}]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/ms2mg/model-config"] == {"name": "model-config", "mountPath": "/etc/ms2mg/model-config",
+                                                 "readOnly": True}
+    config = to_config(converter_parser().parse_args(container["args"]))
+    assert str(config.config_yaml) == "/etc/ms2mg/model-config/model.yaml"
+
+
+def test_config_path_lies_on_the_source_volume(settings: OperatorSettings) -> None:
+    body = make_body(spec_with(config={"path": "llama2-7b/run_llama2_7b.yaml"}))
+    job: Any = render_job(conversion(body), settings)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    config = to_config(converter_parser().parse_args(container["args"]))
+    assert str(config.config_yaml) == "/mnt/source/llama2-7b/run_llama2_7b.yaml"
+    assert all("configMap" not in v for v in job["spec"]["template"]["spec"]["volumes"])
 
 
 def test_pod_is_locked_down(settings: OperatorSettings) -> None:

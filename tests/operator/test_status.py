@@ -351,3 +351,15 @@ def test_summary_follows_the_stages_and_keeps_its_transition_time() -> None:
     assert done.condition(ConditionType.RECONCILING) is None and done.condition(ConditionType.STALLED) is None
     ready = done.condition(ConditionType.READY)
     assert ready is not None and ready.status.value == "True" and ready.last_transition_time == T1
+
+
+def test_defaulted_model_facts_are_named_in_the_succeeded_message() -> None:
+    facts = OK.model_copy(update={"defaulted": ["rotary_base", "norm_epsilon"]})
+    done = derive_status(running_status(), generation=1, now=T1, observation=Observation(
+        job=job(complete=True), pod=terminated(facts, 0)))
+    succeeded = done.condition(ConditionType.SUCCEEDED)
+    assert succeeded is not None and succeeded.status == "True"
+    assert "rotary_base, norm_epsilon" in succeeded.message and "spec.config" in succeeded.message
+    assert done.result is not None and done.result.defaulted == ["rotary_base", "norm_epsilon"]
+    plain = succeeded_status().condition(ConditionType.SUCCEEDED)
+    assert plain is not None and "defaults" not in plain.message

@@ -14,101 +14,77 @@ Schema-only markers are given through `json_schema_extra`:
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from ms2mg_converter.config import (
-    DType,
-    Fc1Layout,
-    ModelOverrides,
-    Normalization,
-    PadFill,
-    PositionEmbedding,
-    QkvLayout,
-    TransformerImpl,
+from ms2mg_converter.config import DType, SourceDigest, TransformerImpl
+from ms2mg_operator.api.specs import ConfigMapKey, ConfigSpec, LayoutsSpec, ModelSpec, ParallelismSpec, VocabSpec
+from ms2mg_operator.api.types import (
+    API_VERSION,
+    CONDITION_REASON,
+    DNS1123_SUBDOMAIN,
+    GROUP,
+    KIND,
+    LABEL_VALUE,
+    MAX_PATH,
+    NESTED_DEFAULT,
+    OVERLAP_MESSAGE,
+    OVERLAP_RULE,
+    PATH_RULES,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    JsonDict,
+    ObjectName,
+    OpenObject,
+    RelativePath,
+    Spec,
+    Status,
+    check_relative_path,
+    paths_overlap,
 )
 
-JsonDict = dict[str, JsonValue]
-
-GROUP = "ms2mg.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "CheckpointConversion"
-PLURAL = "checkpointconversions"
-SINGULAR = "checkpointconversion"
-SHORT_NAMES = ("ckptconv",)
-
-DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
-MAX_PATH = 1024
-MAX_SIZE = 1 << 24
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-PATH_RULES: list[JsonValue] = [
-    {"rule": "!self.startsWith('/')", "message": "must be relative to the volume (no leading '/')"},
-    {"rule": "!self.matches('(^|/)[.][.]?(/|$)')", "message": "must not contain '.' or '..' segments"},
-    {"rule": "!self.contains('//') && !self.endsWith('/')",
-     "message": "must not contain empty segments ('//' or a trailing '/')"},
+__all__ = [
+    "API_VERSION",
+    "DNS1123_SUBDOMAIN",
+    "GROUP",
+    "KIND",
+    "MAX_PATH",
+    "PATH_RULES",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "VERSION",
+    "CheckpointConversion",
+    "CheckpointConversionSpec",
+    "CheckpointConversionStatus",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "ConfigMapKey",
+    "ConfigSpec",
+    "ConversionResultStatus",
+    "DestinationSpec",
+    "JsonDict",
+    "LayoutsSpec",
+    "LocalObjectReference",
+    "ModelSpec",
+    "ObjectMeta",
+    "ParallelismSpec",
+    "Phase",
+    "SourceSpec",
+    "VocabSpec",
+    "check_relative_path",
+    "paths_overlap",
 ]
-OVERLAP_MESSAGE = "destination must not be, contain or lie inside the source on the same PVC"
-OVERLAP_RULE: JsonDict = {
-    "rule": "self.source.pvc != self.destination.pvc || (self.source.path != self.destination.path"
-            " && !self.destination.path.startsWith(self.source.path + '/')"
-            " && !self.source.path.startsWith(self.destination.path + '/'))",
-    "message": OVERLAP_MESSAGE,
-}
 
 
-def check_relative_path(value: str) -> str:
-    """Reject absolute paths, '.'/'..' segments, empty segments and control characters."""
-    if value.startswith("/"):
-        raise ValueError("must be relative to the volume (no leading '/')")
-    if _CONTROL_CHARS.search(value):
-        raise ValueError("must not contain control characters")
-    segments = value.split("/")
-    if "" in segments:
-        raise ValueError("must not contain empty segments ('//' or a trailing '/')")
-    if any(s in (".", "..") for s in segments):
-        raise ValueError("must not contain '.' or '..' segments")
-    return value
-
-
-def paths_overlap(a: str, b: str) -> bool:
-    """True when one relative path equals the other or lies inside it."""
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
-RelativePath = Annotated[
-    str,
-    Field(min_length=1, max_length=MAX_PATH,
-          json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f]+$", "x-kubernetes-validations": PATH_RULES}),
-    AfterValidator(check_relative_path),
-]
-ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
-Count = Annotated[int, Field(ge=1, le=MAX_SIZE)]
-OpenObject = Annotated[
-    dict[str, JsonValue],
-    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
-]
-NESTED_DEFAULT: JsonDict = {"default": {}}
-"""Schema default of a nested object: the API server then fills its fields' own defaults."""
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
-
-
-class _Status(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-
-class SourceSpec(_Spec):
+class SourceSpec(Spec):
     """Where the MindFormers checkpoint is read from (mounted read-only)."""
 
     pvc: ObjectName = Field(description="Name of a PersistentVolumeClaim in the namespace of this resource.")
@@ -118,7 +94,7 @@ class SourceSpec(_Spec):
                     "'.', '..' and empty segments are rejected.")
 
 
-class DestinationSpec(_Spec):
+class DestinationSpec(Spec):
     """Where the Megatron-LM checkpoint is written (mounted read-write)."""
 
     pvc: ObjectName = Field(description="Name of a PersistentVolumeClaim in the namespace of this resource. "
@@ -130,78 +106,13 @@ class DestinationSpec(_Spec):
                     "empty segments are rejected.")
 
 
-class ParallelismSpec(_Spec):
-    """Tensor- and pipeline-parallel sizes of the written checkpoint."""
-
-    tensor: int = Field(default=1, ge=1, le=4096, description="Tensor-parallel size (TP) of the output.")
-    pipeline: int = Field(default=1, ge=1, le=4096, description="Pipeline-parallel size (PP) of the output.")
-
-
-class ModelSpec(_Spec):
-    """Architecture values, named as the `ms2mg convert` flags. Unset values are inferred from the tensors;
-    set values are cross-checked against them, and TP/PP divisibility is checked before a Job starts."""
-
-    num_layers: Count | None = Field(default=None, description="--num-layers: transformer layers.")
-    hidden_size: Count | None = Field(default=None, description="--hidden-size: hidden size.")
-    ffn_hidden_size: Count | None = Field(
-        default=None, description="--ffn-hidden-size: MLP hidden size (per gate/up half with SwiGLU).")
-    num_attention_heads: Count | None = Field(default=None, description="--num-attention-heads.")
-    num_query_groups: Count | None = Field(
-        default=None, description="--num-query-groups: query groups (KV heads) with grouped-query attention.")
-    kv_channels: Count | None = Field(default=None, description="--kv-channels: head dimension.")
-    swiglu: bool | None = Field(default=None, description="--swiglu / --no-swiglu: SwiGLU MLP.")
-    add_bias_linear: bool | None = Field(default=None,
-                                         description="--add-bias-linear: biases on all linears.")
-    qkv_bias: bool | None = Field(default=None, description="--qkv-bias: bias on linear_qkv only (Qwen2).")
-    qk_layernorm: bool | None = Field(default=None, description="--qk-layernorm: q/k layernorm (Qwen3).")
-    normalization: Normalization | None = Field(default=None,
-                                                description="--normalization: RMSNorm or LayerNorm.")
-    position_embedding_type: PositionEmbedding | None = Field(
-        default=None, description="--position-embedding-type: rope or learned_absolute.")
-    untie_embeddings_and_output_weights: bool | None = Field(
-        default=None, description="--untie-embeddings-and-output-weights: separate output layer.")
-    seq_length: Count | None = Field(default=None,
-                                     description="--seq-length: stored in the checkpoint's args.")
-
-    def to_overrides(self) -> ModelOverrides:
-        """The same values as the converter's `ModelOverrides` (for the torch-free plan check)."""
-        return ModelOverrides(**self.model_dump(exclude_none=True))
-
-
-class VocabSpec(_Spec):
-    """Vocabulary trimming and padding."""
-
-    true_size: Count | None = Field(
-        default=None, description="--true-vocab-size: real vocabulary size; the embedding table is trimmed "
-                                  "to it, then padded. Unset: the table is kept as it is, then padded.")
-    make_divisible_by: int = Field(
-        default=128, ge=1, le=65536,
-        description="--make-vocab-size-divisible-by: pad the vocabulary to a multiple of this times TP, as "
-                    "Megatron-LM does.")
-    pad_fill: PadFill = Field(default=PadFill.LAST_ROW,
-                              description="--vocab-pad-fill: padding rows copy the last row (last-row) or "
-                                          "are zero (zero).")
-
-
-class LayoutsSpec(_Spec):
-    """Row order of fused tensors in the source. Unset: taken from the checkpoint, or refused when it
-    matters."""
-
-    qkv: QkvLayout | None = Field(
-        default=None, description="--qkv-layout: grouped (per query group: Q heads, K, V) or contiguous "
-                                  "(all Q, all K, all V).")
-    fc1: Fc1Layout | None = Field(
-        default=None, description="--fc1-layout: gate-up (all gate rows, then all up rows) or interleaved "
-                                  "(rows alternate gate, up).")
-
-
-class LocalObjectReference(_Spec):
+class LocalObjectReference(Spec):
     """A reference to an object in the same namespace."""
 
     name: ObjectName = Field(description="Name of the referenced object.")
 
 
-class CheckpointConversionSpec(_Spec):
+class CheckpointConversionSpec(Spec):
     """The conversion to run and the settings of the Job that runs it. Changing it starts a new Job."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [OVERLAP_RULE]})
@@ -219,6 +130,14 @@ class CheckpointConversionSpec(_Spec):
         default=TransformerImpl.LOCAL,
         description="--saver-transformer-impl: key names of the output, local or transformer_engine.")
     layouts: LayoutsSpec | None = Field(default=None, description="Row order of fused tensors in the source.")
+    config: ConfigSpec | None = Field(
+        default=None, description="The MindFormers model YAML (--config): architecture values, layout flags, model "
+                                  "facts (RoPE base, norm epsilon, ...) and the training's TP size. Values in model "
+                                  "and layouts win over it.")
+    source_digest: SourceDigest = Field(
+        default=SourceDigest.CRC32,
+        description="--source-digest: digest of the source's content recorded in the manifest, by which a rerun "
+                    "is recognised as already converted: crc32 or sha256.")
     verify: bool = Field(default=True, description="Check the written checkpoint against the source "
                                                    "(false adds --no-verify).")
     overwrite: bool = Field(default=False, description="Replace a non-empty destination (adds --overwrite).")
@@ -301,7 +220,7 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
-class Condition(_Status):
+class Condition(Status):
     """One aspect of the state, following the Kubernetes API conventions (metav1.Condition)."""
 
     type: ConditionType = Field(description="Ready, Reconciling, Stalled (the kstatus/Flux summary), or a stage: "
@@ -315,7 +234,7 @@ class Condition(_Status):
                                             description="The .metadata.generation this condition is about.")
 
 
-class ConversionResultStatus(_Status):
+class ConversionResultStatus(Status):
     """The converter's result, from its JSON termination message."""
 
     status: Literal["Succeeded", "Failed"] = Field(description="Outcome reported by the converter.")
@@ -330,9 +249,13 @@ class ConversionResultStatus(_Status):
     verified: bool = Field(default=False, description="The output was checked against the source.")
     peak_rss_bytes: int | None = Field(default=None, ge=0, description="Peak resident memory of the converter.")
     converter_version: str = Field(default="", max_length=64, description="Version of the converter.")
+    defaulted: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=32,
+        description="Model facts neither the spec, the YAML nor the naming family stated, set to Megatron's "
+                    "defaults (rotary_base, norm_epsilon, ...): check them.")
 
 
-class CheckpointConversionStatus(_Status):
+class CheckpointConversionStatus(Status):
     """Observed state, written by the operator only."""
 
     observed_generation: int | None = Field(default=None,
