@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ms2mg_converter.confine import check_source_path
 from ms2mg_converter.errors import SourceError
+from ms2mg_converter.source.families.dropped import is_dropped
 from ms2mg_converter.source.index import DTYPE_SIZES, Piece, SourceFile, SourceIndex, TensorInfo, read_file
 from ms2mg_converter.source.strategy import ParamLayout, StageStrategy, read_strategy
 
@@ -223,9 +224,10 @@ def _scan(load: Path, root: Path | None, stages: dict[int, StageStrategy], devic
 
 
 def _add_plain(scan: _Scan, info: TensorInfo) -> None:
-    """A tensor the strategy does not describe (optimizer scalars, bookkeeping): the same on every rank."""
+    """A tensor the strategy does not describe (optimizer scalars, bookkeeping): the same on every rank (a
+    rank-local optimizer slice, which the converter drops anyway, is taken from the lowest rank)."""
     seen = scan.plain.setdefault(info.name, info)
-    if (seen.shape, seen.dtype) != (info.shape, info.dtype):
+    if (seen.shape, seen.dtype) != (info.shape, info.dtype) and not is_dropped(info.name):
         raise SourceError(f"tensor {info.name!r} is {seen.dtype} {list(seen.shape)} in {seen.file} but "
                           f"{info.dtype} {list(info.shape)} in {info.file}, and the strategy file does not say how "
                           "it is cut. Pass the strategy file of this training run (--src-strategy).")
