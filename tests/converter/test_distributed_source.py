@@ -187,3 +187,23 @@ def test_overlap_and_gap_detected():
     f = dist._Found(0, "F32", (4, 2), "r0", {((0, 2), (0, 2)): None}, [0])  # type: ignore[dict-item]
     with pytest.raises(SourceError, match="rank_1"):
         dist.check_coverage("w", f, [0, 1], {1: Path("rank_1/x.safetensors")})
+
+
+@pytest.mark.consumer
+@pytest.mark.parametrize(("out_tp", "out_pp"), [(1, 1), (2, 2)])
+def test_distributed_output_loads_strict_in_megatron_core(tmp_path, out_tp, out_pp):
+    from ms2mg_converter.demo.sample import SampleSpec, build_sample
+    from tests.converter import megatron_consumer as mc
+    from tests.converter import reference_model as ref
+    from tests.converter.test_megatron_consumer import INPUT_IDS, assert_matches_reference, convert_flags, run_convert
+
+    spec = SampleSpec(bias="all")
+    weights = build_sample(spec, tmp_path / "src")
+    ckpt = tmp_path / "output" / "checkpoint"
+    distribute(tmp_path / "src", ckpt, Layout(tp=2, dp=2, pp=2, opt_shard=True), spec.num_layers, spec.tied)
+    out = run_convert(ckpt, tmp_path / "dst", convert_flags(spec, out_tp, out_pp))
+    checkpoint = mc.open_checkpoint(out)
+    assert len(mc.load_all_ranks_strict(checkpoint)) == out_tp * out_pp
+    if out_tp == 1:
+        logits = mc.logits_in_process(checkpoint, INPUT_IDS)
+        assert_matches_reference(logits, ref.reference_logits(ref.rounded(weights, spec), spec, INPUT_IDS))
