@@ -79,9 +79,10 @@ def _pick_file(rank_dir: Path, suffix: str | None) -> Path:
     return max(stepped)[1] if len(files) > 1 else files[0]
 
 
-def _strategy_files(load: Path, given: Path | None) -> list[Path]:
+def _strategy_files(load: Path, given: Path | None, root: Path | None) -> list[Path]:
     if given is not None:
         if given.is_file():
+            check_source_path(given, root)
             return [given]
         if not given.is_dir():
             raise SourceError(f"--src-strategy {given}: no such file or directory.")
@@ -90,6 +91,8 @@ def _strategy_files(load: Path, given: Path | None) -> list[Path]:
         dirs = [d for d in (load / s for s in STRATEGY_DIRS) if d.is_dir()]
     for d in dirs:
         files = sorted(p for p in d.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
+        for f in files:
+            check_source_path(f, root)  # the strategy is read like the source: inside --load-root
         if files:
             return files
     where = ", ".join(str(load / s) for s in STRATEGY_DIRS) if given is None else str(given)
@@ -292,7 +295,7 @@ def open_distributed(load: Path, root: Path | None, strategy: Path | None, suffi
     if not is_distributed(load):
         raise SourceError(f"--src-strategy was given but --load-dir {load} holds no rank_N/ directories; a "
                           "merged checkpoint needs no strategy.")
-    stages = _stages(_strategy_files(load, strategy))
+    stages = _stages(_strategy_files(load, strategy, root))
     devices = _stage_devices(stages[min(stages)])
     ranks = _check_ranks(load, stages, devices)
     scan = _scan(load, root, stages, devices, suffix)
