@@ -34,9 +34,10 @@ from ms2mg_converter.source.strategy import ParamLayout, StageStrategy, read_str
 
 RANK_DIR = re.compile(r"^rank_(\d+)$")
 _EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.safetensors$")
-STRATEGY_DIRS = ("strategy", "../strategy")
-"""Where the strategy files are looked for, relative to --load-dir (MindFormers writes output/checkpoint/ and
-output/strategy/ side by side)."""
+def strategy_dirs(load: Path) -> list[Path]:
+    """Where the strategy files are looked for: `<load>/strategy`, then `<load>/../strategy` (MindFormers writes
+    output/checkpoint/ and output/strategy/ side by side)."""
+    return [load / "strategy", load.parent / "strategy"]
 
 
 def is_distributed(load: Path) -> bool:
@@ -88,14 +89,14 @@ def _strategy_files(load: Path, given: Path | None, root: Path | None) -> list[P
             raise SourceError(f"--src-strategy {given}: no such file or directory.")
         dirs = [given]
     else:
-        dirs = [d for d in (load / s for s in STRATEGY_DIRS) if d.is_dir()]
+        dirs = [d for d in strategy_dirs(load) if d.is_dir()]
     for d in dirs:
         files = sorted(p for p in d.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
         for f in files:
             check_source_path(f, root)  # the strategy is read like the source: inside --load-root
         if files:
             return files
-    where = ", ".join(str(load / s) for s in STRATEGY_DIRS) if given is None else str(given)
+    where = " or ".join(map(str, strategy_dirs(load))) if given is None else str(given)
     raise SourceError(f"--load-dir {load} is a distributed checkpoint (rank_N/ directories) but no strategy file "
                       f"was found in {where}. Pass --src-strategy with the training job's "
                       "output/strategy/ directory or one ckpt_strategy_rank_N.ckpt (or .json) file.")
