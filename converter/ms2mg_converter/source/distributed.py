@@ -41,7 +41,12 @@ def strategy_dirs(load: Path) -> list[Path]:
 
 
 def is_distributed(load: Path) -> bool:
-    return load.is_dir() and any(RANK_DIR.match(p.name) and p.is_dir() for p in load.iterdir())
+    """`load` holds rank_N/ directories (an unreadable directory is left to the merged-source listing, which
+    reports it)."""
+    try:
+        return load.is_dir() and any(RANK_DIR.match(p.name) and p.is_dir() for p in load.iterdir())
+    except OSError:
+        return False
 
 
 def _rank_dirs(load: Path) -> list[Path]:
