@@ -296,6 +296,15 @@ def _check_ranks(load: Path, stages: dict[int, StageStrategy], devices: int) -> 
 
 def open_distributed(load: Path, root: Path | None, strategy: Path | None, suffix: str | None) -> SourceIndex:
     """Index a distributed checkpoint as the single logical checkpoint it stores."""
+    try:
+        return _open(load, root, strategy, suffix)
+    except OSError as e:
+        hint = "; check the permissions of the rank directories and files" if isinstance(e, PermissionError) else ""
+        raise SourceError(f"--load-dir {load}: cannot be read: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename else ''}{hint}.") from e
+
+
+def _open(load: Path, root: Path | None, strategy: Path | None, suffix: str | None) -> SourceIndex:
     if strategy is not None:
         check_source_path(strategy, root, "--src-strategy")
     if not is_distributed(load):
