@@ -8,6 +8,7 @@ exit 3 and a message naming the rank, file or tensor.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -207,3 +208,36 @@ def test_distributed_output_loads_strict_in_megatron_core(tmp_path, out_tp, out_
     if out_tp == 1:
         logits = mc.logits_in_process(checkpoint, INPUT_IDS)
         assert_matches_reference(logits, ref.reference_logits(ref.rounded(weights, spec), spec, INPUT_IDS))
+
+
+@pytest.mark.parametrize("cut", ["rows", "cols", "both", "3d"])
+def test_piece_window_small_windows_match_truth(tmp_path, cut):
+    """`PieceWindow` with windows of a few rows (slice boundaries inside windows, windows inside slices)."""
+    import numpy as np
+
+    from ms2mg_converter.plan import Read
+    from ms2mg_converter.source.index import Piece
+    from ms2mg_converter.stream.gather import PieceWindow
+
+    shape = (2, 12, 9) if cut == "3d" else (13, 10)
+    truth = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    r_cuts = {"rows": [0, 5, 13], "cols": [0, 13], "both": [0, 7, 13], "3d": [0, 1, 2]}[cut]
+    c_cuts = {"rows": [0, 10], "cols": [0, 3, 10], "both": [0, 4, 10], "3d": [0, 5, 12]}[cut]
+    pieces, blob = [], b""
+    for r0, r1 in itertools.pairwise(r_cuts):
+        for c0, c1 in itertools.pairwise(c_cuts):
+            part = np.ascontiguousarray(truth[r0:r1, c0:c1])
+            start = (r0, c0) + (0,) * (len(shape) - 2)
+            pieces.append(Piece(tmp_path / "f.bin", 16 + len(blob), start, part.shape))
+            blob += part.tobytes()
+    (tmp_path / "f.bin").write_bytes(b"\0" * 16 + blob)
+    cols = int(np.prod(shape[1:]))
+    read = Read("w", str(tmp_path / "f.bin"), 16, "F32", shape[0], cols, tuple(pieces))
+    flat = truth.reshape(shape[0], cols)
+    win = PieceWindow(read, np.dtype(np.float32), 3 * cols * 4, None)
+    try:
+        for a in range(shape[0]):
+            for b in range(a + 1, shape[0] + 1):
+                assert np.array_equal(win.rows(a, b, shape[0]), flat[a:b]), (a, b)
+    finally:
+        win.close()
