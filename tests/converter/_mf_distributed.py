@@ -143,6 +143,9 @@ def distribute(src: Path, out: Path, lay: Layout, num_layers: int, tied: bool, *
         tensors = {n: _slice(full[n], layouts[n], d, k, lay) for n in names}
         if lay.extra_keys:
             tensors.update({f"adam_m.{n}": torch.zeros_like(tensors[n]) for n in names[:3]})
+            if rank % 2:  # a de-redundant optimizer state: on half the ranks only (never merged, so accepted)
+                split = next(n for n in names if n.endswith("linear_qkv.weight"))
+                tensors[f"adam_v.{split}"] = torch.zeros_like(tensors[split])
             tensors["global_step"] = torch.tensor([7], dtype=torch.int32)
         rdir = out / f"rank_{rank}"
         rdir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,7 @@ def distribute(src: Path, out: Path, lay: Layout, num_layers: int, tied: bool, *
         (rdir / "meta.json").write_text(json.dumps({"last_epoch": 1, "last_step": 1,
                                                     "last_ckpt_file": f"net_rank_{rank}-1_1.safetensors"}))
         mine = {n: layouts[n] for n in names}
+        mine.update({f"adam_v.{n}": layouts[n] for n in names if n.endswith("linear_qkv.weight")})  # in the strategy
         if lay.fmt == "json":
             doc = {"current_stage": stage, "parallel_strategy_item": {"net": {"stage": stage}},
                    "parallel_layout_item": mine}

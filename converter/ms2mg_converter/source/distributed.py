@@ -225,7 +225,7 @@ def _scan(load: Path, root: Path | None, stages: dict[int, StageStrategy], devic
         stage = stages[rank // devices]
         for info in infos:
             lay = stage.layouts.get(info.name)
-            if lay is not None:
+            if lay is not None and not is_dropped(info.name):  # optimizer state is never read: not merged
                 _add(scan, info, lay, stage.stage, rank, rank % devices)
             else:
                 _add_plain(scan, info)
