@@ -241,3 +241,13 @@ def test_piece_window_small_windows_match_truth(tmp_path, cut):
                 assert np.array_equal(win.rows(a, b, shape[0]), flat[a:b]), (a, b)
     finally:
         win.close()
+
+
+def test_suffix_prefers_the_whole_epoch_step(dist_src):
+    for r in range(4):
+        d = dist_src / f"rank_{r}"
+        shutil.copy(d / f"net_rank_{r}-1_1.safetensors", d / f"net_rank_{r}-11_1.safetensors")
+        (d / "meta.json").unlink()
+    index = open_source(dist_src, suffix="1_1")
+    assert all(f.path.name.endswith("-1_1.safetensors") for f in index.files)
+    assert all(f.path.name.endswith("-11_1.safetensors") for f in open_source(dist_src).files)  # the last step

@@ -62,7 +62,8 @@ def _rank_dirs(load: Path) -> list[Path]:
 def _pick_file(rank_dir: Path, suffix: str | None) -> Path:
     files = sorted(p for p in rank_dir.iterdir() if p.name.endswith(".safetensors") and p.is_file())
     if suffix is not None:
-        files = [p for p in files if p.name.endswith(f"{suffix}.safetensors")]
+        exact = [p for p in files if p.name.endswith(f"-{suffix}.safetensors")]  # 1_1 must not pick -11_1
+        files = exact or [p for p in files if p.name.endswith(f"{suffix}.safetensors")]
         if len(files) != 1:
             raise SourceError(f"{rank_dir}: {len(files)} files end in {suffix}.safetensors (--src-ckpt-suffix); "
                               "exactly one is needed.")
