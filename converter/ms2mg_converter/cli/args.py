@@ -50,7 +50,7 @@ def _add_io(p: argparse.ArgumentParser, *, save: bool) -> None:
                    help="distributed source: the MindSpore strategy file (ckpt_strategy_rank_N.ckpt or .json) or "
                         "the directory of them (default: <load-dir>/strategy or <load-dir>/../strategy)")
     g.add_argument("--src-ckpt-suffix", metavar="TEXT", default=None,
-                   help="distributed source: read the file of each rank_N/ that ends in TEXT.safetensors "
+                   help="distributed source: read the file of each rank_N/ that ends in -TEXT.safetensors (e.g. 2_100) "
                         "(default: meta.json's last_ckpt_file, else the highest epoch_step)")
     if save:
         g.add_argument("--save-dir", required=True, type=Path, metavar="DIR",
