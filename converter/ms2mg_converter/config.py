@@ -175,6 +175,11 @@ class ConvertConfig(BaseModel):
     overwrite: bool = False
     verify: bool = True
     config_yaml: Path | None = None
+    src_strategy: Path | None = None
+    """A distributed source's MindSpore strategy file or directory (`--src-strategy`); None: looked for in
+    `<load_dir>/strategy` and `<load_dir>/../strategy`."""
+    src_ckpt_suffix: str | None = None
+    """Which file of each `rank_N/` directory to read: the one ending in `<suffix>.safetensors`."""
     load_root: Path | None = None
     """Read nothing that resolves (symlinks included) outside this directory: the source volume."""
     save_root: Path | None = None

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from ms2mg_converter.demo.sample import SampleSpec, logical_weights, mindformers_tensors
+from tests.reliability.corpus_distributed import distributed_cases
 
 NOBODY = 65534
 FILE = "model.safetensors"
@@ -693,6 +694,7 @@ CASES: tuple[Case, ...] = (
     Case("sigint-mid-write", "SIGINT (Ctrl-C) after the first tensor group", medium,
          130, "Interrupted", ("SIGINT",), signal=signal.SIGINT),
 )
+CASES += distributed_cases(Case)  # rank_N/ + strategy sources (tests/reliability/corpus_distributed.py)
 
 
 # ---------------------------------------------------------------------------------------------------------

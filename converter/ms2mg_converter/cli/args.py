@@ -44,7 +44,14 @@ def _add_io(p: argparse.ArgumentParser, *, save: bool) -> None:
     g = p.add_argument_group("source and destination")
     g.add_argument("--load-dir", required=True, type=Path, metavar="PATH",
                    help="MindFormers checkpoint: a .safetensors file, a directory of *.safetensors, or a "
-                        "directory with model.safetensors.index.json")
+                        "directory with model.safetensors.index.json, or a distributed checkpoint's directory of "
+                        "rank_N/ directories")
+    g.add_argument("--src-strategy", type=Path, metavar="PATH", default=None,
+                   help="distributed source: the MindSpore strategy file (ckpt_strategy_rank_N.ckpt or .json) or "
+                        "the directory of them (default: <load-dir>/strategy or <load-dir>/../strategy)")
+    g.add_argument("--src-ckpt-suffix", metavar="TEXT", default=None,
+                   help="distributed source: read the file of each rank_N/ that ends in -TEXT.safetensors (e.g. 2_100) "
+                        "(default: meta.json's last_ckpt_file, else the highest epoch_step)")
     if save:
         g.add_argument("--save-dir", required=True, type=Path, metavar="DIR",
                        help="Megatron-LM checkpoint directory to create")
@@ -227,6 +234,8 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
             verify=not getattr(ns, "no_verify", False),
             config_yaml=ns.config_yaml,
             load_root=ns.load_root,
+            src_strategy=ns.src_strategy,
+            src_ckpt_suffix=ns.src_ckpt_suffix,
             save_root=getattr(ns, "save_root", None),
         )
     except ValidationError as e:

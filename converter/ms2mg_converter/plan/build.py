@@ -54,7 +54,7 @@ def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertCo
     runs, rows = _rank_runs(op.runs(), split, arch, cfg.tensor_parallel, r)
     col_range = split.col_range(rest[0], cfg.tensor_parallel, r) if rest else None
     shape = (rows, *rest) if col_range is None else (rows, col_range[1] - col_range[0])
-    inputs = tuple(Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], cols) for i in logical.inputs)
+    inputs = tuple(Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], cols, i.pieces) for i in logical.inputs)
     return TensorEntry(slot.key, logical.name, shape, cfg.dtype, inputs, tuple(runs), col_range, op.name,
                        op.rebuild_whole)
 
@@ -113,7 +113,7 @@ def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
 
 def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
     """Read headers, infer and check the architecture, and lay out every output file."""
-    index = source or open_source(cfg.load_dir, cfg.load_root)
+    index = source or open_source(cfg.load_dir, cfg.load_root, cfg.src_strategy, cfg.src_ckpt_suffix)
     view = resolve(index, cfg.ignore_keys)
     arch = infer_architecture(view, cfg)
     check_parallelism(arch, cfg)

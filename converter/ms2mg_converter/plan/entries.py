@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ms2mg_converter.config import ConvertConfig, DType
 from ms2mg_converter.layout import Run
 from ms2mg_converter.model.arch import Architecture
-from ms2mg_converter.source.index import SourceIndex
+from ms2mg_converter.source.index import Piece, SourceIndex
 
 ITERATION_DIR = "iter_0000001"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -33,6 +33,8 @@ class Read:
     dtype: str
     rows: int
     cols: int
+    pieces: tuple[Piece, ...] = ()
+    """A tensor of a distributed source cut over rank files: its slices (`stream.gather`); else empty."""
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,22 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One stored slice of a tensor in a distributed source: the box `start + shape` of the whole tensor,
+    held contiguously (row-major) at byte `offset` of `file`."""
+
+    file: Path
+    offset: int
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """Where one source tensor lives: file, absolute byte offset of its data, dtype and shape."""
+    """Where one source tensor lives: file, absolute byte offset of its data, dtype and shape.
+
+    A tensor of a distributed source (`source/distributed.py`) that is cut over ranks has `pieces`: its
+    slices, which tile `shape` exactly; `file` and `offset` are then the first piece's (for messages)."""
 
     name: str
     dtype: str
@@ -44,6 +58,7 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -237,11 +252,17 @@ def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
             raise SourceError(f"{index}: the index puts tensor {name!r} in {file}, but it {where}.")
 
 
-def open_source(load: Path, root: Path | None = None) -> SourceIndex:
-    """Index every tensor of a checkpoint (file, directory of shards, or directory with an index).
+def open_source(load: Path, root: Path | None = None, strategy: Path | None = None,
+                suffix: str | None = None) -> SourceIndex:
+    """Index every tensor of a checkpoint (file, directory of shards, or directory with an index; or a
+    distributed checkpoint of `rank_N/` directories, merged logically by `source.distributed`).
 
     With `root`, `load` and every file must resolve inside it (checked before each file is opened)."""
     check_source_path(load, root, "--load-dir")
+    from ms2mg_converter.source import distributed  # below: it reads rank files with read_file
+
+    if strategy is not None or distributed.is_distributed(load):
+        return distributed.open_distributed(load, root, strategy, suffix)
     files: list[SourceFile] = []
     tensors: dict[str, TensorInfo] = {}
     for path in _files_of(load):

@@ -26,6 +26,7 @@ from ms2mg_converter.confine import check_open_file
 from ms2mg_converter.errors import NonFiniteError, SourceError
 from ms2mg_converter.layout import Run
 from ms2mg_converter.plan import Read, TensorEntry
+from ms2mg_converter.stream.gather import PieceWindow
 
 SOURCE_DTYPES: dict[str, Any] = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                                  "BF16": ml_dtypes.bfloat16}
@@ -147,7 +148,7 @@ class FiniteCheck:
 WINDOW_BYTES = 64 * 1024 * 1024
 
 
-def _source_rows(win: SourceWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
+def _source_rows(win: SourceWindow | PieceWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
     c0, c1 = cols
     if run.step == 0:
         return np.broadcast_to(win.rows(run.start, run.start + 1, run.start + 1)[0, c0:c1], (k, c1 - c0))
@@ -166,9 +167,10 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None,
     cols = entry.cols or (0, width)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
-        windows: list[SourceWindow] = []
+        windows: list[SourceWindow | PieceWindow] = []
         for r in entry.inputs:
-            windows.append(SourceWindow(r, WINDOW_BYTES, root))
+            windows.append(PieceWindow(r, np.dtype(SOURCE_DTYPES[r.dtype]), WINDOW_BYTES, root) if r.pieces
+                           else SourceWindow(r, WINDOW_BYTES, root))
             stack.callback(windows[-1].close)
         buf, filled = pool.get(width), 0
         for run in entry.runs:

@@ -29,6 +29,7 @@ from ms2mg_converter.plan import Plan, TensorEntry, layout_op
 from ms2mg_converter.plan.target import split_of
 from ms2mg_converter.source.resolve import Logical, resolve
 from ms2mg_converter.verify.ckptfile import MAP_FLAGS
+from ms2mg_converter.verify.gathered import GatheredSlice, gathered
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SOURCE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -150,7 +151,8 @@ class ExpectedTensors:
             return self._cache[1]
         try:
             with ExitStack() as stack:
-                views = [stack.enter_context(_TensorFile(i.file).tensor(i.name)) for i in logical.inputs]
+                views = [gathered(i) if i.pieces else stack.enter_context(_TensorFile(i.file).tensor(i.name))
+                         for i in logical.inputs]
                 inputs = [self._scratch.cast(v, dtype, slot=1 + n, copy=True) for n, v in enumerate(views)]
                 views.clear()
         except (OSError, KeyError, ValueError) as e:
@@ -173,8 +175,8 @@ class ExpectedTensors:
             return f"{got.shape[0]} rows, expected {hi - lo}"
         step = max(1, BLOCK_BYTES // max(1, cols * 4))
         try:
-            with safe_open(str(info.file), framework="pt") as f:
-                sl = f.get_slice(info.name)
+            with ExitStack() as stack, safe_open(str(info.file), framework="pt") as f:
+                sl = GatheredSlice(info, stack) if info.pieces else f.get_slice(info.name)
                 for a in range(lo, hi, step):
                     b = min(hi, a + step)
                     for (x, y), exp in _expected_rows(sl, op, a, b):
