@@ -33,6 +33,8 @@ class Read:
     dtype: str
     rows: int
     cols: int
+    transposed: bool = False
+    """The stored [rows, cols] block is the transpose of the logical tensor (a grouped expert block)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class FilePlan:
     tp_rank: int
     pp_rank: int
     chunks: tuple[Chunk, ...]
+    ep_rank: int = 0
 
     @property
     def groups(self) -> tuple[Group, ...]:

@@ -96,6 +96,25 @@ class SourceWindow:
         self._file.close()
 
 
+class TransposedWindow:
+    """Rows of the transpose of a stored block (a grouped expert weight, `source.experts`): the block is
+    mapped whole (one expert's h x 2F values) and its columns are returned as rows."""
+
+    def __init__(self, read: Read, max_bytes: int, root: Path | None = None) -> None:
+        self._inner = SourceWindow(read, max(max_bytes, read.rows * read.cols * 8), root)
+        self._rows = read.rows
+
+    def rows(self, a: int, b: int, limit: int) -> Array:
+        return self._inner.rows(0, self._rows, self._rows).T[a:b]
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def open_window(read: Read, max_bytes: int, root: Path | None = None) -> SourceWindow | TransposedWindow:
+    return TransposedWindow(read, max_bytes, root) if read.transposed else SourceWindow(read, max_bytes, root)
+
+
 class WriterStopped(RuntimeError):
     """The writer thread stopped (its error is re-raised by the caller)."""
 
@@ -147,7 +166,7 @@ class FiniteCheck:
 WINDOW_BYTES = 64 * 1024 * 1024
 
 
-def _source_rows(win: SourceWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
+def _source_rows(win: SourceWindow | TransposedWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
     c0, c1 = cols
     if run.step == 0:
         return np.broadcast_to(win.rows(run.start, run.start + 1, run.start + 1)[0, c0:c1], (k, c1 - c0))
@@ -166,9 +185,9 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None,
     cols = entry.cols or (0, width)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
-        windows: list[SourceWindow] = []
+        windows: list[SourceWindow | TransposedWindow] = []
         for r in entry.inputs:
-            windows.append(SourceWindow(r, WINDOW_BYTES, root))
+            windows.append(open_window(r, WINDOW_BYTES, root))
             stack.callback(windows[-1].close)
         buf, filled = pool.get(width), 0
         for run in entry.runs:
