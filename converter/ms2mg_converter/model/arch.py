@@ -26,7 +26,7 @@ from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError
 from ms2mg_converter.model.facts import resolve_facts
 from ms2mg_converter.model.layouts import resolve_layouts
 from ms2mg_converter.model.moe import MoeArch, first_dense_layer, infer_moe, is_mlp
-from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV
+from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV, ROUTER
 from ms2mg_converter.source.resolve import Logical, SourceView
 
 
@@ -99,13 +99,19 @@ def _check_layers(view: SourceView) -> int:
     if missing:
         raise MissingKeyError(f"decoder layer(s) {missing[:10]} are missing while layer {max(layers)} exists; "
                               "the checkpoint is incomplete (a shard missing from --load-dir?).")
-    first = {t for (t, layer) in view.logical if layer == 0 and not is_mlp(t)}
-    for layer in layers:  # MLPs may differ (dense and MoE layers): model.moe checks them
-        here = {t for (t, lay) in view.logical if lay == layer and not is_mlp(t)}
-        if here != first:
-            diff = sorted(here ^ first)[0].replace("{layer}", str(layer))
-            raise MissingKeyError(f"decoder layer {layer} and layer 0 hold different tensors (e.g. {diff}); "
-                                  "every layer must have the same parameters.")
+    attention0 = {t for (t, lay) in view.logical if lay == layers[0] and not is_mlp(t)}
+    first: dict[bool, tuple[int, set[str]]] = {}  # dense layers alike, MoE layers alike, attention in all
+    for layer in layers:
+        here = {t for (t, lay) in view.logical if lay == layer}
+        moe = ROUTER in here  # a MoE layer's MLP is checked by model.moe (with messages about experts)
+        other, ref = first.setdefault(moe, (layer, here))
+        checks = [({t for t in here if not is_mlp(t)}, attention0, layers[0])] + ([] if moe else [(here, ref, other)])
+        for theirs, mine, where in checks:
+            if theirs != mine:
+                diff = sorted(theirs ^ mine)[0].replace("{layer}", str(layer))
+                raise MissingKeyError(f"decoder layer {layer} and layer {where} hold different tensors (e.g. "
+                                      f"{diff}); every layer must have the same parameters (MoE layers: those "
+                                      "of the other MoE layers).")
     return len(layers)
 
 

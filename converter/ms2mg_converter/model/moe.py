@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ms2mg_converter.config import MoeConfig
 from ms2mg_converter.errors import MissingKeyError, ShapeError, UsageError
-from ms2mg_converter.names import EXPERT_BIAS, FC2, ROUTER, SHARED_FC1, SHARED_FC2, SHARED_GATE, L, expert_name
+from ms2mg_converter.names import EXPERT_BIAS, FC1, FC2, ROUTER, SHARED_FC1, SHARED_FC2, SHARED_GATE, L, expert_name
 from ms2mg_converter.source.resolve import SourceView
 
 ROUTER_DEFAULTS: dict[str, object] = {
@@ -86,6 +86,10 @@ def _layer_sizes(view: SourceView, layer: int, hidden: int) -> tuple[int, int, i
         raise UsageError(f"layer {layer} has {SHARED_GATE.replace('{layer}', str(layer))} (MindFormers "
                          "use_shared_expert_gating): megatron-core's GPT MoE layer has no shared-expert gate, so "
                          "this model cannot be converted.")
+    dense = [n for n in (FC1, FC2) if view.get(n + ".weight", layer) is not None]
+    if dense:
+        raise ShapeError(f"layer {layer} has both a MoE router and a dense {dense[0].replace('{layer}', str(layer))}"
+                         ".weight; megatron-core's MoE layer cannot hold both.")
     router = _shape(view, ROUTER, layer)
     if router is None or len(router) != 2 or router[1] != hidden:
         raise ShapeError(f"mlp.router.weight of layer {layer} has shape {list(router or ())}, expected "

@@ -173,7 +173,7 @@ class ExpectedTensors:
         try:
             with _TensorFile(info.file).tensor(info.name) as stored:
                 block = stored.reshape(experts, info.shape[1], info.shape[0])[x]
-                full = block.t().to(got.dtype)
+                full = block.t().to(got.dtype, copy=True)  # a copy: the mapping closes below
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SourceError(f"{info.file}: cannot read {info.name} to verify {logical.name} ({e}); did the "
                               "source change while converting?") from e
