@@ -124,12 +124,27 @@ def yaml_doc(d: MoeDims, topk: bool = True) -> dict[str, Any]:
     return {"model": {"model_config": section}, "parallel_config": {"model_parallel": 1}}
 
 
+def per_expert(d: MoeDims, t: Tensors, tensors: Tensors, infix: str) -> Tensors:
+    """The grouped weight1/weight2 replaced by per-expert `mlp.experts.{infix}{x}.linear_fc1/fc2.weight`
+    (`(out, in)`, fc1 `[G; U]`)."""
+    out = {k: v for k, v in tensors.items() if not k.endswith(("experts.weight1", "experts.weight2"))}
+    for i in range(d.dense, d.layers):
+        for x in range(d.experts):
+            p = f"decoder.layers.{i}.mlp.experts.{infix}{x}."
+            out[p + "linear_fc1.weight"] = torch.cat([t[f"{i}.e{x}.gate"], t[f"{i}.e{x}.up"]])
+            out[p + "linear_fc2.weight"] = t[f"{i}.e{x}.down"]
+    return out
+
+
 def write_mindformers(root: Path, d: MoeDims, t: Tensors, topk_in_yaml: bool = True,
-                      drop: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """(load dir, yaml) of the MindFormers checkpoint of `t`."""
+                      drop: tuple[str, ...] = (), experts_infix: str | None = None) -> tuple[Path, Path]:
+    """(load dir, yaml) of the MindFormers checkpoint of `t` (`experts_infix`: per-expert names instead)."""
     src = root / "mf"
     src.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in mindformers_tensors(d, t).items() if k not in drop}
+    tensors = mindformers_tensors(d, t)
+    if experts_infix is not None:
+        tensors = per_expert(d, t, tensors, experts_infix)
+    tensors = {k: v.contiguous() for k, v in tensors.items() if k not in drop}
     save_file(tensors, str(src / "model.safetensors"))
     cfg = root / "model.yaml"
     cfg.write_text(yaml.safe_dump(yaml_doc(d, topk_in_yaml)), encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ms2mg_converter.config import ConvertConfig, MoeConfig
 from ms2mg_converter.errors import ConversionError, MissingKeyError, ParallelismError, ShapeError, UsageError
@@ -146,3 +147,29 @@ def test_ep_on_a_dense_model_refused(tmp_path: Path) -> None:
     src, cfg = _source(tmp_path, MoeDims(layers=2, dense=2))
     with pytest.raises(ParallelismError, match=r"no experts"):
         _plan(src, cfg, expert_parallel=2)
+
+
+@pytest.mark.parametrize("infix", ["local_experts.", ""])
+def test_per_expert_source_names(tmp_path: Path, infix: str) -> None:
+    d = MoeDims()
+    truth = make_truth(d)
+    src, cfg = write_mindformers(tmp_path, d, truth, experts_infix=infix)
+    out = tmp_path / "out"
+    run = convert("--load-dir", str(src), "--config", str(cfg), "--save-dir", str(out), "--tp", "2", "--ep", "2")
+    assert run.returncode == 0, run.stderr
+    got = load_rank_files(out)
+    for name, tensors in expected_ranks(d, truth, 2, 2).items():
+        for key, exp in tensors.items():
+            assert torch.equal(got[name]["model"][key], exp.to(torch.bfloat16)), (name, key)
+
+
+def test_per_expert_names_beyond_the_router_refused(tmp_path: Path) -> None:
+    d = MoeDims()
+    truth = make_truth(d)
+    src, cfg = write_mindformers(tmp_path, d, truth, experts_infix="local_experts.")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["decoder.layers.1.mlp.experts.local_experts.4.linear_fc1.weight"] = torch.zeros(32, 32)
+    tensors["decoder.layers.1.mlp.experts.local_experts.4.linear_fc2.weight"] = torch.zeros(32, 16)
+    src, cfg = _custom(tmp_path, tensors)
+    with pytest.raises(ShapeError, match=r"holds 10 routed-expert tensors but mlp.router.weight has 4"):
+        _plan(src, cfg)

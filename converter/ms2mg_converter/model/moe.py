@@ -15,7 +15,18 @@ from pydantic import BaseModel, ConfigDict
 
 from ms2mg_converter.config import MoeConfig
 from ms2mg_converter.errors import MissingKeyError, ShapeError, UsageError
-from ms2mg_converter.names import EXPERT_BIAS, FC1, FC2, ROUTER, SHARED_FC1, SHARED_FC2, SHARED_GATE, L, expert_name
+from ms2mg_converter.names import (
+    EXPERT_BIAS,
+    EXPERT_PREFIX,
+    FC1,
+    FC2,
+    ROUTER,
+    SHARED_FC1,
+    SHARED_FC2,
+    SHARED_GATE,
+    L,
+    expert_name,
+)
 from ms2mg_converter.source.resolve import SourceView
 
 ROUTER_DEFAULTS: dict[str, object] = {
@@ -101,6 +112,10 @@ def _layer_sizes(view: SourceView, layer: int, hidden: int) -> tuple[int, int, i
                                   f"experts.weight{fc} (the routed experts' linear_fc{fc}); the checkpoint is "
                                   "incomplete (a shard missing from --load-dir?).")
     ffn = (_shape(view, expert_name(0, 2), layer) or (0, 0))[1]
+    names = [t for (t, lay) in view.logical if lay == layer and t.startswith(EXPERT_PREFIX)]
+    if len(names) != 2 * experts:
+        raise ShapeError(f"MoE layer {layer} holds {len(names)} routed-expert tensors but mlp.router.weight has "
+                         f"{experts} rows (experts); expected linear_fc1 and linear_fc2 of experts 0..{experts - 1}.")
     for x in range(experts):
         _need(view, expert_name(x, 1), layer, (2 * ffn, hidden), f"expert {x}: [gate; up] of width {ffn}")
         _need(view, expert_name(x, 2), layer, (hidden, ffn), f"expert {x}: hidden x width {ffn}")

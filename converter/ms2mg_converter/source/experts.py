@@ -16,6 +16,7 @@ from `mlp.router.weight` `[E, h]` of the same layer.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,20 @@ def _blocks(info: TensorInfo, experts: int, hidden: int, fc: int) -> list[Tensor
     shape = (other, hidden) if fc == 1 else (hidden, other)
     return [replace(info, shape=shape, offset=info.offset + x * per * item, nbytes=per * item, block=(x, experts))
             for x in range(experts)]
+
+
+def per_expert_recipes(recipes: tuple[Recipe, ...], present: set[str]) -> list[Recipe]:
+    """The recipes, those with `{expert}` (per-expert source names) once per expert number present."""
+    out: list[Recipe] = []
+    for r in recipes:
+        if "{expert}" not in r.target:
+            out.append(r)
+            continue
+        pattern = re.compile(re.escape(r.sources[0]).replace(re.escape("{expert}"), r"(\d+)") + "$")
+        numbers = sorted({int(m.group(1)) for t in present if (m := pattern.match(t))})
+        out += [Recipe(r.target.replace("{expert}", str(n)), r.op, tuple(s.replace("{expert}", str(n))
+                                                                        for s in r.sources)) for n in numbers]
+    return out
 
 
 def expand_experts(logical: dict[Key, Logical], make: type[Logical]) -> None:

@@ -133,7 +133,7 @@ class ExpectedTensors:
         op = layout_op(logical, self.arch, self.cfg)
         if logical.inputs and logical.inputs[0].block is not None:
             return self._expert(logical, kind, tp_rank, got)
-        if not op.rebuild_whole:
+        if not op.rebuild_whole and not (kind is Split.GLU and self.arch.swiglu):  # GLU: two row ranges
             return self._blockwise(logical, op, kind, tp_rank, got)
         full = self._fused(logical, op, TORCH_DTYPES[entry.dtype])
         tp = self.cfg.tensor_parallel
