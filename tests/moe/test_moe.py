@@ -173,3 +173,27 @@ def test_per_expert_names_beyond_the_router_refused(tmp_path: Path) -> None:
     src, cfg = _custom(tmp_path, tensors)
     with pytest.raises(ShapeError, match=r"holds 10 routed-expert tensors but mlp.router.weight has 4"):
         _plan(src, cfg)
+
+
+def test_file_names_with_pipeline_and_expert_parallelism(tmp_path: Path) -> None:
+    src, cfg = _source(tmp_path, MoeDims(layers=4, dense=1))
+    plan = build_plan(ConvertConfig(load_dir=src, config_yaml=cfg, tensor_parallel=2, pipeline_parallel=2,
+                                    moe=MoeConfig(expert_parallel=2)))
+    paths = [f.path.split("/")[1] for f in plan.files]  # type: ignore[attr-defined]
+    assert paths == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for p in range(2) for e in range(2) for t in range(2)]
+    last = plan.files[-1]  # type: ignore[attr-defined]
+    keys = [e.key for e in last.entries()]
+    assert "decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight" in keys  # global layer 3
+    assert not any("local_experts.2." in k for k in keys)
+    assert plan.args["moe_layer_freq"] == [0, 1, 1, 1]  # type: ignore[attr-defined]
+
+
+def test_transformer_engine_names_keep_the_moe_pre_mlp_norm(tmp_path: Path) -> None:
+    from ms2mg_converter.config import TransformerImpl
+
+    src, cfg = _source(tmp_path, MoeDims())
+    plan = build_plan(ConvertConfig(load_dir=src, config_yaml=cfg, transformer_impl=TransformerImpl.TRANSFORMER_ENGINE))
+    keys = [e.key for e in plan.files[0].entries()]  # type: ignore[attr-defined]
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in keys  # dense: fused into fc1 (TE)
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" not in keys
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in keys  # MoE: TENorm of its own
