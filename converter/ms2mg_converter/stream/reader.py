@@ -96,18 +96,37 @@ class SourceWindow:
         self._file.close()
 
 
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+TRANSPOSE_ROWS = 128
+"""Rows per step of the blocked transpose: a strided copy of a whole transposed block runs at ~1/25 of a
+contiguous copy (cache misses on every element); 128-row bands at ~1/4 (measured, 2048 x 1536 bf16)."""
+
+
+def transposed(block: Array) -> Array:
+    """A contiguous copy of `block.T`, moved as integer words (exact bits) in row bands."""
+    words = block.view(_WORDS[block.dtype.itemsize])
+    out = np.empty((block.shape[1], block.shape[0]), words.dtype)
+    for i in range(0, block.shape[0], TRANSPOSE_ROWS):
+        out[:, i:i + TRANSPOSE_ROWS] = words[i:i + TRANSPOSE_ROWS].T
+    return out.view(block.dtype)
+
+
 class TransposedWindow:
     """Rows of the transpose of a stored block (a grouped expert weight, `source.experts`): the block is
-    mapped whole (one expert's h x 2F values) and its columns are returned as rows."""
+    mapped whole (one expert's h x 2F values) and transposed once into memory of the same size."""
 
     def __init__(self, read: Read, max_bytes: int, root: Path | None = None) -> None:
         self._inner = SourceWindow(read, max(max_bytes, read.rows * read.cols * 8), root)
         self._rows = read.rows
+        self._t: Array | None = None
 
     def rows(self, a: int, b: int, limit: int) -> Array:
-        return self._inner.rows(0, self._rows, self._rows).T[a:b]
+        if self._t is None:
+            self._t = transposed(self._inner.rows(0, self._rows, self._rows))
+        return self._t[a:b]
 
     def close(self) -> None:
+        self._t = None
         self._inner.close()
 
 
