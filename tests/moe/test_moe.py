@@ -197,3 +197,11 @@ def test_transformer_engine_names_keep_the_moe_pre_mlp_norm(tmp_path: Path) -> N
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in keys  # dense: fused into fc1 (TE)
     assert "decoder.layers.0.pre_mlp_layernorm.weight" not in keys
     assert "decoder.layers.1.pre_mlp_layernorm.weight" in keys  # MoE: TENorm of its own
+
+
+def test_yaml_expert_bias_without_the_tensor_refused(tmp_path: Path) -> None:
+    src, cfg = _source(tmp_path, MoeDims(bias=False))
+    flag = "moe_router_enable_expert_bias"
+    cfg.write_text(cfg.read_text().replace(f"{flag}: false", f"{flag}: true"))
+    with pytest.raises(ShapeError, match=r"moe_router_enable_expert_bias True but the tensors say False"):
+        _plan(src, cfg)

@@ -157,7 +157,8 @@ def infer_moe(view: SourceView, hidden: int, given: MoeConfig, yaml_sizes: dict[
                              f"expert bias: {first} vs {here}); Megatron needs every MoE layer alike.")
     experts, ffn, shared, bias = first
     freq = tuple(1 if layer in sizes else 0 for layer in view.layers)
-    stated = {"num_experts": experts, "moe_ffn_hidden_size": ffn, "first_k_dense_replace": freq.index(1)}
+    stated = {"num_experts": experts, "moe_ffn_hidden_size": ffn, "first_k_dense_replace": freq.index(1),
+              "moe_router_enable_expert_bias": bias}
     if shared is not None:
         stated["moe_shared_expert_intermediate_size"] = shared
     wrong = [f"{k} {v} but the tensors say {stated[k]}" for k, v in yaml_sizes.items() if k in stated

@@ -25,6 +25,7 @@ SIZES: dict[str, tuple[str, ...]] = {
     "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_intermediate_size"),
     "moe_shared_expert_intermediate_size": ("moe_shared_expert_intermediate_size",),
     "first_k_dense_replace": ("first_k_dense_replace",),
+    "moe_router_enable_expert_bias": ("moe_router_enable_expert_bias",),
 }
 ROUTER: dict[str, tuple[str, ...]] = {
     "router_topk": ("moe_router_topk", "num_experts_per_tok"),
@@ -40,7 +41,7 @@ def _first(section: dict[str, Any], names: tuple[str, ...]) -> Any:
     return next((section[n] for n in names if section.get(n) is not None), None)
 
 
-def read_moe_yaml(path: Path) -> tuple[MoeConfig, dict[str, int]]:
+def read_moe_yaml(path: Path) -> tuple[MoeConfig, dict[str, int]]:  # bools are ints: the expert-bias flag too
     """(router facts, sizes to cross-check) the YAML states; missing ones stay None / absent."""
     from ms2mg_converter.source.mfyaml import _model_section
 
