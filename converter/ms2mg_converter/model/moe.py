@@ -195,6 +195,6 @@ def moe_args(moe: MoeArch | None, tp: int, ep: int, grouped: bool) -> dict[str, 
         "moe_router_enable_expert_bias": moe.moe_router_enable_expert_bias,
         "moe_grouped_gemm": grouped,
         "moe_use_legacy_grouped_gemm": False,
-        "moe_token_dispatcher_type": "alltoall",
+        "moe_token_dispatcher_type": "allgather",  # Megatron-LM's default: a run-time choice, no weight depends on it
         "sequence_parallel": tp > 1,
     }
