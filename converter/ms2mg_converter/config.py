@@ -149,6 +149,30 @@ class PipelineLayout(BaseModel):
     """Virtual chunks per pipeline rank (interleaved schedule); the way to combine them with uneven stages."""
 
 
+class MoeConfig(BaseModel):
+    """Mixture-of-experts: the target's expert layout and parallelism, and router facts the tensors cannot
+    tell (None: from the --config YAML, else refused (topk) or Megatron's default, reported as defaulted)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    expert_parallel: int = Field(default=1, ge=1)
+    """Expert-parallel size of the output (`--target-expert-parallel-size`): files mp_rank_TT[_PPP]_EEE."""
+    expert_tensor_parallel: int | None = Field(default=None, ge=1)
+    """Expert tensor-parallel size; None: the tensor-parallel size (the only value the torch format names)."""
+    grouped_gemm: bool = False
+    """Write experts as TEGroupedMLP (`linear_fc1.weight0..`) instead of SequentialMLP (`local_experts.N`)."""
+    router_topk: int | None = Field(default=None, ge=1)
+    router_score_function: str | None = Field(default=None, pattern="^(softmax|sigmoid)$")
+    router_topk_scaling_factor: float | None = Field(default=None, gt=0)
+    router_num_groups: int | None = Field(default=None, ge=1)
+    router_group_topk: int | None = Field(default=None, ge=1)
+    router_pre_softmax: bool | None = None
+
+    def merged_over(self, base: MoeConfig) -> MoeConfig:
+        """These values where set, else `base`'s (flags win over the YAML)."""
+        return base.model_copy(update=self.model_dump(exclude_none=True, exclude_defaults=True))
+
+
 class ConvertConfig(BaseModel):
     """One conversion request."""
 
@@ -162,6 +186,7 @@ class ConvertConfig(BaseModel):
     model: ModelOverrides = ModelOverrides()
     vocab: VocabConfig = VocabConfig()
     layouts: LayoutConfig = LayoutConfig()
+    moe: MoeConfig = MoeConfig()
     dtype: DType = DType.BF16
     ckpt_format: CkptFormat = CkptFormat.TORCH
     source_digest: SourceDigest = SourceDigest.CRC32

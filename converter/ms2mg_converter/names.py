@@ -28,3 +28,21 @@ QK_NORMS = (Q_NORM, K_NORM)
 def fill(template: str, layer: int | None) -> str:
     """A template with its layer number filled in."""
     return template if layer is None else template.replace("{layer}", str(layer))
+
+
+# Mixture of experts (megatron-core MoELayer; shared/docs/mindformers-moe-mla-distributed.md §1)
+ROUTER = f"{L}mlp.router.weight"
+EXPERT_BIAS = f"{L}mlp.router.expert_bias"
+GROUPED_FC1 = f"{L}mlp.experts.weight1"
+"""MindFormers' (and legacy GroupedMLP's) grouped fc1 of all experts; a source name, expanded per expert."""
+GROUPED_FC2 = f"{L}mlp.experts.weight2"
+SHARED_FC1 = f"{L}mlp.shared_experts.linear_fc1"
+SHARED_FC2 = f"{L}mlp.shared_experts.linear_fc2"
+SHARED_GATE = f"{L}mlp.shared_experts.shared_experts_gate.weight"
+EXPERT_PREFIX = f"{L}mlp.experts.local_experts."
+"""Canonical (TP1/EP1) name of routed expert x: `{EXPERT_PREFIX}{x}.linear_fc1.weight` (x global)."""
+
+
+def expert_name(x: int, fc: int) -> str:
+    """The canonical name of global expert `x`'s linear_fc1 (fc=1) or linear_fc2 (fc=2) weight."""
+    return f"{EXPERT_PREFIX}{x}.linear_fc{fc}.weight"

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ms2mg_converter.cli.moeargs import add_moe_flags, moe_config
 from ms2mg_converter.config import (
     CkptFormat,
     ConvertConfig,
@@ -173,6 +174,7 @@ def add_plan_flags(p: argparse.ArgumentParser, *, save: bool) -> None:
     """All flags that describe a conversion (shared by convert, inspect and verify)."""
     _add_io(p, save=save)
     _add_parallel(p)
+    add_moe_flags(p)
     _add_model(p)
     _add_vocab_and_output(p)
     _add_reference_only(p)
@@ -222,6 +224,7 @@ def to_config(ns: argparse.Namespace) -> ConvertConfig:
                               make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
                               pad_fill=PadFill(ns.vocab_pad_fill)),
             layouts=LayoutConfig(qkv=ns.qkv_layout, fc1=ns.fc1_layout, source_tensor_parallel=ns.source_tp),
+            moe=moe_config(ns),
             dtype=DType(ns.dtype),
             ckpt_format=CkptFormat(ns.ckpt_format),
             source_digest=SourceDigest(getattr(ns, "source_digest", SourceDigest.CRC32.value)),

@@ -38,7 +38,9 @@ def _source_span(entry: TensorEntry, src: int) -> int:
 
 
 def _windows(entry: TensorEntry) -> int:
-    return sum(min(WINDOW_BYTES, _source_span(entry, i) * read.cols * DTYPE_SIZES[read.dtype])
+    # a grouped expert block is mapped whole and transposed once (stream.reader.TransposedWindow): twice its size
+    return sum(2 * read.rows * read.cols * DTYPE_SIZES[read.dtype] if read.transposed else
+               min(WINDOW_BYTES, _source_span(entry, i) * read.cols * DTYPE_SIZES[read.dtype])
                for i, read in enumerate(entry.inputs))
 
 

@@ -22,14 +22,16 @@ def describe_plan(plan: Plan) -> str:
         *(f"  {k}: {v}" for k, v in a.model_dump(mode="json").items() if k != "family"),
         f"dropped keys ({len(plan.dropped)}): {', '.join(plan.dropped) or '-'}",
         f"ignored keys ({len(plan.ignored)}): {', '.join(plan.ignored) or '-'}",
-        f"plan: TP {plan.config.tensor_parallel} x PP {plan.config.pipeline_parallel}, {plan.config.dtype}, "
+        f"plan: TP {plan.config.tensor_parallel} x PP {plan.config.pipeline_parallel}"
+        f"{f' x EP {plan.config.moe.expert_parallel}' if plan.arch.moe else ''}, {plan.config.dtype}, "
         f"{plan.config.transformer_impl} key names, {len(plan.files)} file(s), {_gb(plan.tensor_bytes)} of tensors",
         f"peak memory estimate: {_gb(convert_peak(plan))} converting, {_gb(verify_peak(plan))} verifying",
         "pipeline layout (global layers per stage and state dict):",
         *(f"  {line}" for line in describe(a.num_layers, plan.config.pipeline_parallel, plan.config.pipeline_layout)),
     ]
     for f in plan.files:
-        lines.append(f"  {f.path}  (tp {f.tp_rank}, pp {f.pp_rank}, {_gb(f.tensor_bytes)})")
+        ep = f", ep {f.ep_rank}" if plan.config.moe.expert_parallel > 1 else ""
+        lines.append(f"  {f.path}  (tp {f.tp_rank}, pp {f.pp_rank}{ep}, {_gb(f.tensor_bytes)})")
         for chunk in f.chunks:
             indent = "    "
             if len(f.chunks) > 1:
@@ -51,7 +53,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
                     "bytes": e.nbytes, "inputs": [r.name for r in e.inputs], "op": e.op,
                     "runs": [[r.dst, r.count, r.src, r.start, r.step] for r in e.runs],
                     "columns": list(e.cols) if e.cols else None} for m, e in f.chunk_entries()]
-        files.append({"path": f.path, "tp_rank": f.tp_rank, "pp_rank": f.pp_rank, "bytes": f.tensor_bytes,
+        files.append({"path": f.path, "tp_rank": f.tp_rank, "pp_rank": f.pp_rank, "ep_rank": f.ep_rank,
+                      "bytes": f.tensor_bytes,
                       "groups": len(f.groups), "layers": {c.key: list(c.layers) for c in f.chunks},
                       "entries": entries})
     return {"architecture": plan.arch.model_dump(mode="json"), "config": plan.config.model_dump(mode="json"),

@@ -17,6 +17,7 @@ from ms2mg_converter.config import (
     Fc1Layout,
     LayoutConfig,
     ModelOverrides,
+    MoeConfig,
     Normalization,
     PositionEmbedding,
     QkvLayout,
@@ -24,7 +25,8 @@ from ms2mg_converter.config import (
 from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError, UsageError
 from ms2mg_converter.model.facts import resolve_facts
 from ms2mg_converter.model.layouts import resolve_layouts
-from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV
+from ms2mg_converter.model.moe import MoeArch, first_dense_layer, infer_moe, is_mlp
+from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV, ROUTER
 from ms2mg_converter.source.resolve import Logical, SourceView
 
 
@@ -60,6 +62,8 @@ class Architecture(BaseModel):
     fc1_layout: Fc1Layout | None
     source_tensor_parallel: int = 1
     """TP size the source was trained with (contiguous fused layouts are per source rank)."""
+    moe: MoeArch | None = None
+    """Mixture of experts (`model.moe`); None: a dense model."""
     defaulted: tuple[str, ...] = ()
     """Model facts nothing stated (flags, YAML, family), set to Megatron's defaults (`model.facts`)."""
 
@@ -95,13 +99,19 @@ def _check_layers(view: SourceView) -> int:
     if missing:
         raise MissingKeyError(f"decoder layer(s) {missing[:10]} are missing while layer {max(layers)} exists; "
                               "the checkpoint is incomplete (a shard missing from --load-dir?).")
-    first = {t for (t, layer) in view.logical if layer == 0}
+    attention0 = {t for (t, lay) in view.logical if lay == layers[0] and not is_mlp(t)}
+    first: dict[bool, tuple[int, set[str]]] = {}  # dense layers alike, MoE layers alike, attention in all
     for layer in layers:
         here = {t for (t, lay) in view.logical if lay == layer}
-        if here != first:
-            diff = sorted(here ^ first)[0].replace("{layer}", str(layer))
-            raise MissingKeyError(f"decoder layer {layer} and layer 0 hold different tensors (e.g. {diff}); "
-                                  "every layer must have the same parameters.")
+        moe = ROUTER in here  # a MoE layer's MLP is checked by model.moe (with messages about experts)
+        other, ref = first.setdefault(moe, (layer, here))
+        checks = [({t for t in here if not is_mlp(t)}, attention0, layers[0])] + ([] if moe else [(here, ref, other)])
+        for theirs, mine, where in checks:
+            if theirs != mine:
+                diff = sorted(theirs ^ mine)[0].replace("{layer}", str(layer))
+                raise MissingKeyError(f"decoder layer {layer} and layer {where} hold different tensors (e.g. "
+                                      f"{diff}); every layer must have the same parameters (MoE layers: those "
+                                      "of the other MoE layers).")
     return len(layers)
 
 
@@ -150,13 +160,17 @@ def _check_attention(view: SourceView, layer: int, a: Architecture) -> None:
             _expect(logical.inputs[0].name, logical.inputs[0].shape, (d,), f"q/k norm over head dim {d}")
 
 
-def _mlp(view: SourceView, h: int) -> tuple[int, bool]:
-    fc2 = _require(view, FC2 + ".weight", 0)
+def _mlp(view: SourceView, h: int, moe: MoeArch | None) -> tuple[int, bool]:
+    dense = first_dense_layer(view)
+    if moe is not None and dense is None:  # every layer MoE: Megatron's ffn_hidden_size is the expert width
+        return moe.moe_ffn_hidden_size, True
+    fc2 = _require(view, FC2 + ".weight", dense or 0)
     if len(fc2) != 2 or fc2[0] != h:
         raise ShapeError(f"linear_fc2.weight of layer 0 has shape {list(fc2)}, expected [{h}, ffn].")
     ffn = fc2[1]
-    fc1 = view.get(FC1 + ".weight", 0)
-    assert fc1 is not None
+    fc1 = view.get(FC1 + ".weight", dense or 0)
+    if fc1 is None:
+        raise MissingKeyError(f"layer {dense or 0} has linear_fc2 but no linear_fc1; the checkpoint is incomplete.")
     rows = _logical_shape(fc1)
     if rows not in ((2 * ffn, h), (ffn, h)):
         raise ShapeError(f"linear_fc1.weight of layer 0 has shape {list(rows)}; with fc2 {list(fc2)} it must "
@@ -176,7 +190,11 @@ def _layer_shapes(view: SourceView, a: Architecture) -> None:
         _check_attention(view, layer, a)
         for base, shape in weights.items():
             logical = view.get(base + ".weight", layer)
-            assert logical is not None
+            if logical is None and base in (FC1, FC2) and a.moe is not None and a.moe.is_moe(layer):
+                continue
+            if logical is None:
+                raise MissingKeyError(f"layer {layer} has no {base.replace('{layer}', str(layer))}.weight "
+                                      "(nor a MoE router); the checkpoint is incomplete.")
             _expect(logical.name, _logical_shape(logical), shape, "as in layer 0")
         for base, vec in expected.items():
             for suffix in (".bias",) if base not in NORMS else (".weight", ".bias"):
@@ -187,7 +205,9 @@ def _layer_shapes(view: SourceView, a: Architecture) -> None:
 
 def _biases(view: SourceView) -> tuple[bool, bool]:
     qkv_bias = view.get(QKV + ".bias", 0) is not None
-    others = {n: view.get(n + ".bias", 0) is not None for n in (PROJ, FC1, FC2)}
+    dense = first_dense_layer(view)
+    mlp = (FC1, FC2) if dense is not None else ()  # MoE layers have no biases (MindFormers refuses them)
+    others = {n: view.get(n + ".bias", dense if n in mlp else 0) is not None for n in (PROJ, *mlp)}
     if any(others.values()) and not all(others.values()):
         have = [n.rsplit(".", 1)[-1] for n, v in others.items() if v]
         raise ShapeError(f"only some linear layers have biases ({', '.join(have)}); Megatron supports biases "
@@ -277,6 +297,16 @@ def merged_inputs(cfg: ConvertConfig) -> tuple[ModelOverrides, LayoutConfig]:
         source_tensor_parallel=given.source_tensor_parallel or layouts.source_tensor_parallel)
 
 
+def merged_moe(cfg: ConvertConfig) -> tuple[MoeConfig, dict[str, int]]:
+    """MoE flags over the --config YAML, and the YAML's MoE sizes (to cross-check)."""
+    if cfg.config_yaml is None:
+        return cfg.moe, {}
+    from ms2mg_converter.source.moeyaml import read_moe_yaml
+
+    router, sizes = read_moe_yaml(cfg.config_yaml)
+    return cfg.moe.merged_over(router), sizes
+
+
 def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     """Resolve the full architecture from headers, flags and YAML; raise on any contradiction."""
     given, layouts = merged_inputs(cfg)
@@ -289,7 +319,8 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     emb = _require(view, EMBED)
     h = emb[1] if len(emb) == 2 else 0
     heads, groups, d = _heads(view, given, h, qkv_shape[0])
-    ffn, swiglu = _mlp(view, h)
+    moe = infer_moe(view, h, *merged_moe(cfg))
+    ffn, swiglu = _mlp(view, h, moe)
     if heads % groups:
         raise UsageError(f"num_attention_heads ({heads}) is not divisible by num_query_groups ({groups}).")
     _check_split(cfg, ModelOverrides(num_layers=num_layers, num_attention_heads=heads, num_query_groups=groups,
@@ -308,7 +339,8 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
         normalization=_normalization(view),
         position_embedding_type=PositionEmbedding.ROPE if rope else PositionEmbedding.LEARNED_ABSOLUTE,
         source_vocab_rows=rows, true_vocab_size=true, padded_vocab_size=padded,
-        **facts.model_dump(), qkv_layout=None, fc1_layout=None)
+        **{**facts.model_dump(), "defaulted": tuple(sorted((*facts.defaulted, *(moe.defaulted if moe else ()))))},
+        qkv_layout=None, fc1_layout=None, moe=moe)
     _cross_check(given, arch)
     _layer_shapes(view, arch)
     if pos is not None:

@@ -15,7 +15,7 @@ from typing import TypeVar
 from ms2mg_converter.config import Fc1Layout, LayoutConfig, QkvLayout
 from ms2mg_converter.errors import ParallelismError, UsageError
 from ms2mg_converter.layout import Dims
-from ms2mg_converter.names import FC1, QKV
+from ms2mg_converter.names import FC1, QKV, SHARED_FC1
 from ms2mg_converter.source.resolve import SourceView
 
 HELP = {
@@ -32,8 +32,11 @@ _E = TypeVar("_E", QkvLayout, Fc1Layout)
 
 def _matters(view: SourceView, target: str, flag: str, dims: Dims) -> bool:
     """Whether the tensor `target` is built by an operation whose `flag` layout matters for this model."""
-    logical = view.get(target, 0)
-    return logical is not None and logical.recipe.op.layout_flag == flag and logical.recipe.op.layout_matters(dims)
+    for layer in view.layers:
+        logical = view.get(target, layer)
+        if logical is not None:
+            return logical.recipe.op.layout_flag == flag and logical.recipe.op.layout_matters(dims)
+    return False
 
 
 def _stated(view: SourceView, flag: str, given: _E | None, default: str | None, enum: type[_E]) -> _E:
@@ -72,6 +75,6 @@ def resolve_layouts(view: SourceView, layouts: LayoutConfig, dims: Dims) -> tupl
     qkv = fc1 = None
     if _matters(view, QKV + ".weight", "qkv", dims):
         qkv = _stated(view, "qkv", layouts.qkv, family.fused_qkv_default, QkvLayout)
-    if _matters(view, FC1 + ".weight", "fc1", dims):
+    if _matters(view, FC1 + ".weight", "fc1", dims) or _matters(view, SHARED_FC1 + ".weight", "fc1", dims):
         fc1 = _stated(view, "fc1", layouts.fc1, family.fused_fc1_default, Fc1Layout)
     return qkv, fc1, _source_tp(layouts.source_tensor_parallel, qkv, dims)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ms2mg_converter.config import ConvertConfig, DType
 from ms2mg_converter.model.arch import Architecture
+from ms2mg_converter.model.moe import moe_args
 from ms2mg_converter.pipeline import virtual_stages
 
 
@@ -68,9 +69,7 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "tensor_model_parallel_size": cfg.tensor_parallel,
         "pipeline_model_parallel_size": cfg.pipeline_parallel,
         **_pipeline_args(arch, cfg),
-        "expert_model_parallel_size": 1,
-        "num_experts": None,
-        "sequence_parallel": False,
+        **moe_args(arch.moe, cfg.tensor_parallel, cfg.moe.expert_parallel, cfg.moe.grouped_gemm),
         "apply_query_key_layer_scaling": False,
         "fp16": cfg.dtype is DType.FP16,
         "bf16": cfg.dtype is DType.BF16,

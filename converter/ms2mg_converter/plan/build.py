@@ -24,8 +24,9 @@ from ms2mg_converter.plan.entries import (
     Read,
     TensorEntry,
 )
+from ms2mg_converter.plan.moe import ExpertRank, expert_problems
 from ms2mg_converter.plan.target import Slot, chunk_slots, rank_chunks, rank_dir, split_of
-from ms2mg_converter.source.index import SourceIndex, open_source
+from ms2mg_converter.source.index import SourceIndex, TensorInfo, open_source
 from ms2mg_converter.source.resolve import Logical, SourceView, resolve
 
 
@@ -49,14 +50,19 @@ def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertCo
     assert slot.template is not None
     split = split_of(slot.template)
     rest = logical.inputs[0].shape[1:] if logical.inputs else ()  # no inputs: a synthesized vector
-    cols = math.prod(rest)
     op = layout_op(logical, arch, cfg)
     runs, rows = _rank_runs(op.runs(), split, arch, cfg.tensor_parallel, r)
     col_range = split.col_range(rest[0], cfg.tensor_parallel, r) if rest else None
     shape = (rows, *rest) if col_range is None else (rows, col_range[1] - col_range[0])
-    inputs = tuple(Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], cols, i.pieces) for i in logical.inputs)
+    inputs = tuple(_read(i) for i in logical.inputs)
     return TensorEntry(slot.key, logical.name, shape, cfg.dtype, inputs, tuple(runs), col_range, op.name,
                        op.rebuild_whole)
+
+
+def _read(i: TensorInfo) -> Read:
+    if i.block is not None:  # a grouped expert block, stored transposed (source.experts)
+        return Read(i.name, str(i.file), i.offset, i.dtype, i.shape[1], i.shape[0], transposed=True)
+    return Read(i.name, str(i.file), i.offset, i.dtype, i.shape[0], math.prod(i.shape[1:]), pieces=i.pieces)
 
 
 def _group_label(slot: Slot) -> str:
@@ -66,12 +72,12 @@ def _group_label(slot: Slot) -> str:
 
 
 def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int,
-           placement: ChunkPlacement) -> Chunk:
+           placement: ChunkPlacement, ep: ExpertRank) -> Chunk:
     """One state dict of rank file (t, p), grouped by layer (the unit of progress)."""
     groups: list[Group] = []
     current: list[Entry] = []
     label = ""
-    for slot in chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state):
+    for slot in chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state, ep):
         here = _group_label(slot)
         if current and here != label:
             groups.append(Group(label, tuple(current)))
@@ -83,18 +89,20 @@ def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: 
         logical = view.get(slot.template, slot.layer)
         if logical is None:
             raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which rank file "
-                                  f"{rank_dir(t, p, cfg.pipeline_parallel)} needs for {slot.key}.")
+                                  f"{rank_dir(t, p, cfg.pipeline_parallel, ep.rank, ep.size)} needs for "
+                                  f"{slot.key}.")
         current.append(_entry(slot, logical, (arch, cfg, t)))
     if current:
         groups.append(Group(label, tuple(current)))
     return Chunk(placement.key, placement.layers, tuple(groups))
 
 
-def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int) -> FilePlan:
-    chunks = tuple(_chunk(view, arch, cfg, t, p, c)
+def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int, e: int) -> FilePlan:
+    ep = ExpertRank(e, cfg.moe.expert_parallel, cfg.moe.grouped_gemm)
+    chunks = tuple(_chunk(view, arch, cfg, t, p, c, ep)
                    for c in rank_chunks(arch, cfg.pipeline_parallel, p, cfg.pipeline_layout))
-    path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel)}/{CHECKPOINT_FILE}"
-    return FilePlan(path, t, p, chunks)
+    path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel, e, ep.size)}/{CHECKPOINT_FILE}"
+    return FilePlan(path, t, p, chunks, e)
 
 
 def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
@@ -102,12 +110,14 @@ def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
                             num_query_groups=arch.num_query_groups, ffn_hidden_size=arch.ffn_hidden_size)
     problems = parallelism_problems(values, cfg.tensor_parallel, cfg.pipeline_parallel,
                                     cfg.pipeline_layout)
+    problems += expert_problems(arch, cfg.tensor_parallel, cfg.moe.expert_parallel, cfg.moe.expert_tensor_parallel)
     if arch.padded_vocab_size % cfg.tensor_parallel:
         problems.append(f"the padded vocabulary ({arch.padded_vocab_size}) is not divisible by tensor "
                         f"parallel size ({cfg.tensor_parallel})")
     if problems:
         raise ParallelismError(f"cannot split this model TP={cfg.tensor_parallel} x PP="
-                               f"{cfg.pipeline_parallel}: " + "; ".join(problems) + ". Choose sizes that "
+                               f"{cfg.pipeline_parallel} x EP={cfg.moe.expert_parallel}: " + "; ".join(problems)
+                               + ". Choose sizes that "
                                "divide these numbers.")
 
 
@@ -117,6 +127,6 @@ def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
     view = resolve(index, cfg.ignore_keys)
     arch = infer_architecture(view, cfg)
     check_parallelism(arch, cfg)
-    files = tuple(_file_plan(view, arch, cfg, t, p)
-                  for p in range(cfg.pipeline_parallel) for t in range(cfg.tensor_parallel))
+    files = tuple(_file_plan(view, arch, cfg, t, p, e) for p in range(cfg.pipeline_parallel)
+                  for e in range(cfg.moe.expert_parallel) for t in range(cfg.tensor_parallel))
     return Plan(cfg, arch, megatron_args(arch, cfg), files, view.dropped, view.ignored, index)

@@ -35,6 +35,8 @@ class Read:
     cols: int
     pieces: tuple[Piece, ...] = ()
     """A tensor of a distributed source cut over rank files: its slices (`stream.gather`); else empty."""
+    transposed: bool = False
+    """The stored [rows, cols] block is the transpose of the logical tensor (a grouped expert block)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class FilePlan:
     tp_rank: int
     pp_rank: int
     chunks: tuple[Chunk, ...]
+    ep_rank: int = 0
 
     @property
     def groups(self) -> tuple[Group, ...]:

@@ -9,14 +9,16 @@ each pipeline stage and virtual chunk holds is `pipeline.placements`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ms2mg_converter.config import Normalization, PipelineLayout, TransformerImpl
 from ms2mg_converter.layout import Split
 from ms2mg_converter.model.arch import Architecture
-from ms2mg_converter.names import EMBED, FC1, FC2, OUTPUT, PROJ, QKV, L
+from ms2mg_converter.names import EMBED, FC1, FC2, OUTPUT, PROJ, QKV, SHARED_FC1, SHARED_FC2, L, expert_name
 from ms2mg_converter.pipeline import ChunkPlacement, placements
+from ms2mg_converter.plan.moe import NO_EXPERTS, ExpertRank, moe_slots
 
 SPLITS: dict[str, Split] = {
     EMBED: Split.VOCAB,
@@ -27,12 +29,20 @@ SPLITS: dict[str, Split] = {
     f"{FC1}.weight": Split.GLU,
     f"{FC1}.bias": Split.GLU,
     f"{FC2}.weight": Split.ROW,
+    expert_name(0, 1): Split.GLU,
+    expert_name(0, 2): Split.ROW,
+    f"{SHARED_FC1}.weight": Split.GLU,
+    f"{SHARED_FC2}.weight": Split.ROW,
 }
 """Split kind per canonical tensor; everything else (norms, row-parallel biases, positions) is replicated."""
 
 
+_EXPERT = re.compile(r"(\.local_experts\.)\d+\.")
+
+
 def split_of(template: str) -> Split:
-    return SPLITS.get(template, Split.REPLICATED)
+    """The split kind of a canonical tensor (routed experts: the rule of expert 0, expert TP = TP)."""
+    return SPLITS.get(_EXPERT.sub(r"\g<1>0.", template), Split.REPLICATED)
 
 
 EXTRA = "_extra_state"
@@ -62,7 +72,7 @@ def _linear(prefix: str, template: str, layer: int | None, bias: bool, extra: bo
         yield Slot(f"{prefix}.{EXTRA}", None, layer)
 
 
-def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int) -> Iterator[Slot]:
+def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int, ep: ExpertRank) -> Iterator[Slot]:
     p, t = f"decoder.layers.{j}.", L
     te = impl is TransformerImpl.TRANSFORMER_ENGINE
     if te:
@@ -77,10 +87,14 @@ def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int) 
     if arch.qk_layernorm:
         for which in ("q_layernorm", "k_layernorm"):
             yield from _norm(arch, f"{p}self_attention.{which}", f"{t}self_attention.{which}", layer)
-    if te:
+    moe = arch.moe is not None and arch.moe.is_moe(layer)
+    if te and not moe:  # MoE layers keep pre_mlp_layernorm under TE too (TENorm)
         yield from _te_norm(arch, p + "mlp.linear_fc1", t + "pre_mlp_layernorm", layer)
     else:
         yield from _norm(arch, p + "pre_mlp_layernorm", t + "pre_mlp_layernorm", layer)
+    if moe:
+        yield from moe_slots(arch, j, layer, ep)
+        return
     yield from _linear(p + "mlp.linear_fc1", t + "mlp.linear_fc1", layer, arch.add_bias_linear)
     yield from _linear(p + "mlp.linear_fc2", t + "mlp.linear_fc2", layer, arch.add_bias_linear)
 
@@ -98,14 +112,14 @@ def rank_chunks(arch: Architecture, pp: int, stage: int, layout: PipelineLayout)
 
 
 def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement,
-                final_norm_extra_state: bool) -> Iterator[Slot]:
+                final_norm_extra_state: bool, ep: ExpertRank = NO_EXPERTS) -> Iterator[Slot]:
     """The entries of one chunk's state dict (`model` or `modelN` of a rank file), in Megatron's order."""
     if chunk.pre_process:
         yield Slot("embedding.word_embeddings.weight", "embedding.word_embeddings.weight")
         if arch.position_embedding_type == "learned_absolute":
             yield Slot("embedding.position_embeddings.weight", "embedding.position_embeddings.weight")
     for j, layer in enumerate(chunk.layers):
-        yield from _layer_slots(arch, impl, j, layer)
+        yield from _layer_slots(arch, impl, j, layer, ep)
     if not chunk.post_process:
         return
     yield from _norm(arch, "decoder.final_layernorm", "decoder.final_layernorm", None)
@@ -121,6 +135,7 @@ def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement
     yield Slot(f"output_layer.{EXTRA}")
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """Megatron's `get_checkpoint_name` directory for a rank."""
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron's `get_checkpoint_name` directory for a rank (`_EEE` only with expert parallelism)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"

@@ -68,6 +68,7 @@ def run_plan(plan: Plan, command: list[str], progress: ProgressFn) -> RunStats:
             timings["verify"] = _verify(plan, staging.path, files)
         outputs = [OutputFile(path=f.path.relative_to(staging.path).as_posix(), bytes=f.bytes, sha256=f.sha256,
                               tensor_parallel_rank=fp.tp_rank, pipeline_parallel_rank=fp.pp_rank,
+                              expert_parallel_rank=fp.ep_rank if plan.config.moe.expert_parallel > 1 else None,
                               tensors=tensor_count(plan, fp.path), layers=chunk_layers(fp))
                    for f, fp in zip(files, plan.files, strict=True)]
         t0 = time.perf_counter()

@@ -59,6 +59,9 @@ class TensorInfo:
     offset: int
     nbytes: int
     pieces: tuple[Piece, ...] = ()
+    block: tuple[int, int] | None = None
+    """(index, count): this is block `index` of `count` equal blocks of the stored tensor `name`, stored as
+    the transpose of `shape` (a MindFormers grouped expert weight, `source.experts`); `offset` is the block's."""
 
     @property
     def numel(self) -> int:

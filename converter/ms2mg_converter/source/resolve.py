@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ms2mg_converter.errors import SourceError, UnknownKeyError
 from ms2mg_converter.names import fill
+from ms2mg_converter.source.experts import expand_experts, per_expert_recipes
 from ms2mg_converter.source.families import Family, Recipe, detect, is_dropped
 from ms2mg_converter.source.index import FLOAT_DTYPES, SourceIndex, TensorInfo
 
@@ -84,7 +85,7 @@ def resolve(index: SourceIndex, ignore: tuple[str, ...] = ()) -> SourceView:
     """Match every source key to a recipe of one family (raises on unknown or unused keys)."""
     family, present, dropped, ignored = _classify(index, ignore)
     by_target: dict[str, list[Recipe]] = defaultdict(list)
-    for recipe in family.recipes:
+    for recipe in per_expert_recipes(family.recipes, {t for (t, _) in present}):
         by_target[recipe.target].append(recipe)
     layers: set[int | None] = {layer for (_, layer) in present}
     logical: dict[tuple[str, int | None], Logical] = {}
@@ -104,6 +105,7 @@ def resolve(index: SourceIndex, ignore: tuple[str, ...] = ()) -> SourceView:
                                       f"weights stored as {', '.join(FLOAT_DTYPES)}.")
             logical[(target, layer)] = Logical(target, layer, recipe, inputs)
             used.update((s, layer) for s in recipe.sources)
+    expand_experts(logical, Logical)
     unused = sorted(present[k].name for k in present.keys() - used)
     if unused:
         raise SourceError(f"source key(s) {', '.join(unused[:5])} cannot be used: their partner tensors are "

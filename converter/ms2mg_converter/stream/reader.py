@@ -97,6 +97,50 @@ class SourceWindow:
         self._file.close()
 
 
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+TRANSPOSE_ROWS = 128
+"""Rows per step of the blocked transpose: a strided copy of a whole transposed block runs at ~1/25 of a
+contiguous copy (cache misses on every element); 128-row bands at ~1/4 (measured, 2048 x 1536 bf16)."""
+
+
+def transposed(block: Array) -> Array:
+    """A contiguous copy of `block.T`, moved as integer words (exact bits) in row bands."""
+    words = block.view(_WORDS[block.dtype.itemsize])
+    out = np.empty((block.shape[1], block.shape[0]), words.dtype)
+    for i in range(0, block.shape[0], TRANSPOSE_ROWS):
+        out[:, i:i + TRANSPOSE_ROWS] = words[i:i + TRANSPOSE_ROWS].T
+    return out.view(block.dtype)
+
+
+class TransposedWindow:
+    """Rows of the transpose of a stored block (a grouped expert weight, `source.experts`): the block is
+    mapped whole (one expert's h x 2F values) and transposed once into memory of the same size."""
+
+    def __init__(self, read: Read, max_bytes: int, root: Path | None = None) -> None:
+        self._inner = SourceWindow(read, max(max_bytes, read.rows * read.cols * 8), root)
+        self._rows = read.rows
+        self._t: Array | None = None
+
+    def rows(self, a: int, b: int, limit: int) -> Array:
+        if self._t is None:
+            self._t = transposed(self._inner.rows(0, self._rows, self._rows))
+        return self._t[a:b]
+
+    def close(self) -> None:
+        self._t = None
+        self._inner.close()
+
+
+Window = SourceWindow | TransposedWindow | PieceWindow
+
+
+def open_window(read: Read, max_bytes: int, root: Path | None = None) -> Window:
+    """The reader of one input: plain rows, a transposed expert block, or slices of a distributed source."""
+    if read.pieces:
+        return PieceWindow(read, np.dtype(SOURCE_DTYPES[read.dtype]), max_bytes, root)
+    return TransposedWindow(read, max_bytes, root) if read.transposed else SourceWindow(read, max_bytes, root)
+
+
 class WriterStopped(RuntimeError):
     """The writer thread stopped (its error is re-raised by the caller)."""
 
@@ -148,7 +192,7 @@ class FiniteCheck:
 WINDOW_BYTES = 64 * 1024 * 1024
 
 
-def _source_rows(win: SourceWindow | PieceWindow, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
+def _source_rows(win: Window, run: Run, done: int, k: int, cols: tuple[int, int]) -> Array:
     c0, c1 = cols
     if run.step == 0:
         return np.broadcast_to(win.rows(run.start, run.start + 1, run.start + 1)[0, c0:c1], (k, c1 - c0))
@@ -167,10 +211,9 @@ def produce(entry: TensorEntry, pool: BufferPool, check: FiniteCheck | None,
     cols = entry.cols or (0, width)
     rows_per = max(1, pool.elems // max(width, 1))
     with ExitStack() as stack:
-        windows: list[SourceWindow | PieceWindow] = []
+        windows: list[Window] = []
         for r in entry.inputs:
-            windows.append(PieceWindow(r, np.dtype(SOURCE_DTYPES[r.dtype]), WINDOW_BYTES, root) if r.pieces
-                           else SourceWindow(r, WINDOW_BYTES, root))
+            windows.append(open_window(r, WINDOW_BYTES, root))
             stack.callback(windows[-1].close)
         buf, filled = pool.get(width), 0
         for run in entry.runs:

@@ -132,7 +132,9 @@ class ExpectedTensors:
         logical = self.by_name[entry.source]
         kind = split_of(logical.target)
         op = layout_op(logical, self.arch, self.cfg)
-        if not op.rebuild_whole:
+        if logical.inputs and logical.inputs[0].block is not None:
+            return self._expert(logical, kind, tp_rank, got)
+        if not op.rebuild_whole and not (kind is Split.GLU and self.arch.swiglu):  # GLU: two row ranges
             return self._blockwise(logical, op, kind, tp_rank, got)
         full = self._fused(logical, op, TORCH_DTYPES[entry.dtype])
         tp = self.cfg.tensor_parallel
@@ -162,6 +164,26 @@ class ExpectedTensors:
         out = self._scratch.empty(shape, dtype, slot=0)
         self._cache = (logical.name, op.apply(inputs, out=out))
         return self._cache[1]
+
+    # -- routed experts: block e of MindFormers' grouped weight, transposed -----------------------------
+    def _expert(self, logical: Logical, kind: Split, r: int, got: torch.Tensor) -> str | None:
+        """Expert x's Megatron tensor restated from the grouped source: weight1 is [E, h, 2F] in memory
+        (weight2 [E, F, h]), expert x's linear_fc1 is `W1[x].T`, linear_fc2 `W2[x].T` (§1.2)."""
+        info = logical.inputs[0]
+        assert info.block is not None
+        x, experts = info.block
+        try:
+            with _TensorFile(info.file).tensor(info.name) as stored:
+                block = stored.reshape(experts, info.shape[1], info.shape[0])[x]
+                full = block.t().to(got.dtype, copy=True)  # a copy: the mapping closes below
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise SourceError(f"{info.file}: cannot read {info.name} to verify {logical.name} ({e}); did the "
+                              "source change while converting?") from e
+        tp = self.cfg.tensor_parallel
+        if kind is Split.GLU:
+            gate, up = glu_parts(full, tp, r)
+            return self._same(got[: gate.shape[0]], gate) or self._same(got[gate.shape[0]:], up)
+        return self._same(got, kind.shards(full, tp, True)[r])
 
     # -- everything else: row blocks ----------------------------------------------------------------
     def _blockwise(self, logical: Logical, op: LayoutOp, kind: Split, r: int, got: torch.Tensor) -> str | None:

@@ -33,6 +33,8 @@ class OutputFile(BaseModel):
     sha256: str
     tensor_parallel_rank: int | None = None
     pipeline_parallel_rank: int | None = None
+    expert_parallel_rank: int | None = None
+    """Set only with expert parallelism (EP > 1): the rank directory's `_EEE`."""
     tensors: int = 0
     layers: dict[str, list[int]] = {}
     """Global layer numbers per state dict of the file (`model`, or `model0`, `model1`, ... with virtual

@@ -45,7 +45,9 @@ def same(*targets: str, op: type[LayoutOp] = Copy) -> tuple[Recipe, ...]:
 
 
 def template_regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(?P<layer>0|[1-9][0-9]*)") + "$")
+    """`{layer}` (and `{expert}`, a routed expert's number) as numbers."""
+    pattern = re.escape(template).replace(re.escape("{layer}"), r"(?P<layer>0|[1-9][0-9]*)")
+    return re.compile(pattern.replace(re.escape("{expert}"), r"(?P<expert>0|[1-9][0-9]*)") + "$")
 
 
 @dataclass(frozen=True)
@@ -68,5 +70,7 @@ class SourceMatcher:
         for template, pattern in self._patterns:
             m = pattern.match(key)
             if m:
-                return SourceMatch(template, int(m.group("layer")))
+                expert = m.groupdict().get("expert")  # per-expert names: the template with the number filled in
+                filled = template if expert is None else template.replace("{expert}", expert)
+                return SourceMatch(filled, int(m.group("layer")))
         return None
