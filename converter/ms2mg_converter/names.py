@@ -28,3 +28,12 @@ QK_NORMS = (Q_NORM, K_NORM)
 def fill(template: str, layer: int | None) -> str:
     """A template with its layer number filled in."""
     return template if layer is None else template.replace("{layer}", str(layer))
+
+# Multi-latent attention (DeepSeek-V2/V3 MLA; megatron-core MLASelfAttention): the q_layernorm is Q_NORM.
+MLA_Q = f"{L}self_attention.linear_q_proj"
+MLA_Q_DOWN = f"{L}self_attention.linear_q_down_proj"
+MLA_Q_UP = f"{L}self_attention.linear_q_up_proj"
+MLA_KV_DOWN = f"{L}self_attention.linear_kv_down_proj"
+MLA_KV_UP = f"{L}self_attention.linear_kv_up_proj"
+MLA_KV_NORM = f"{L}self_attention.kv_layernorm"
+MLA_LINEARS = (MLA_Q, MLA_Q_DOWN, MLA_Q_UP, MLA_KV_DOWN, MLA_KV_UP)

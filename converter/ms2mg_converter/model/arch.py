@@ -24,6 +24,7 @@ from ms2mg_converter.config import (
 from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError, UsageError
 from ms2mg_converter.model.facts import resolve_facts
 from ms2mg_converter.model.layouts import resolve_layouts
+from ms2mg_converter.model.mla import MlaDims, check_mla_layers, infer_mla, is_mla, mla_qk_layernorm, without_dense_qkv
 from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV
 from ms2mg_converter.source.resolve import Logical, SourceView
 
@@ -62,6 +63,8 @@ class Architecture(BaseModel):
     """TP size the source was trained with (contiguous fused layouts are per source rank)."""
     defaulted: tuple[str, ...] = ()
     """Model facts nothing stated (flags, YAML, family), set to Megatron's defaults (`model.facts`)."""
+    mla: MlaDims | None = None
+    """Multi-latent attention sizes and RoPE facts (`model.mla`); None: grouped-query attention."""
 
 
 def _shape(view: SourceView, target: str, layer: int | None = None) -> tuple[int, ...] | None:
@@ -172,8 +175,12 @@ def _layer_shapes(view: SourceView, a: Architecture) -> None:
     expected = {NORMS[0]: (h,), NORMS[1]: (h,), QKV: (qkv_rows,), PROJ: (h,), FC1: (fc1_rows,), FC2: (h,)}
     weights = {QKV: (qkv_rows, h), PROJ: (h, a.num_attention_heads * a.kv_channels), FC1: (fc1_rows, h),
                FC2: (h, a.ffn_hidden_size)}
+    if a.mla is not None:
+        check_mla_layers(view, a)
+        del expected[QKV], weights[QKV]
     for layer in range(a.num_layers):
-        _check_attention(view, layer, a)
+        if a.mla is None:
+            _check_attention(view, layer, a)
         for base, shape in weights.items():
             logical = view.get(base + ".weight", layer)
             assert logical is not None
@@ -277,18 +284,29 @@ def merged_inputs(cfg: ConvertConfig) -> tuple[ModelOverrides, LayoutConfig]:
         source_tensor_parallel=given.source_tensor_parallel or layouts.source_tensor_parallel)
 
 
+def _mla(view: SourceView, given: ModelOverrides) -> tuple[MlaDims, tuple[str, ...]]:
+    if given.num_attention_heads is None:
+        raise UsageError("the number of attention heads of a multi-latent attention model cannot be read from "
+                         "the tensors: pass --num-attention-heads or --config MODEL.yaml.")
+    return infer_mla(view, given, given.num_attention_heads)
+
+
 def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     """Resolve the full architecture from headers, flags and YAML; raise on any contradiction."""
     given, layouts = merged_inputs(cfg)
+    mla = is_mla(view)
+    view = without_dense_qkv(view) if mla else view
     num_layers = _check_layers(view)
-    qkv_shape = _require(view, QKV + ".weight", 0)
+    qkv_shape = (0,) if mla else _require(view, QKV + ".weight", 0)
     _require(view, PROJ + ".weight", 0)
     for n in NORMS:
         _require(view, n + ".weight", 0)
     _require(view, FINAL + ".weight")
     emb = _require(view, EMBED)
     h = emb[1] if len(emb) == 2 else 0
-    heads, groups, d = _heads(view, given, h, qkv_shape[0])
+    mla_dims, mla_defaulted = _mla(view, given) if mla else (None, ())
+    heads, groups, d = ((mla_dims.heads, mla_dims.heads, mla_dims.v_head_dim) if mla_dims is not None
+                        else _heads(view, given, h, qkv_shape[0]))
     ffn, swiglu = _mlp(view, h)
     if heads % groups:
         raise UsageError(f"num_attention_heads ({heads}) is not divisible by num_query_groups ({groups}).")
@@ -303,12 +321,14 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
         family=view.family.name, num_layers=num_layers, hidden_size=h, ffn_hidden_size=ffn,
         num_attention_heads=heads, num_query_groups=groups, kv_channels=d, swiglu=swiglu,
         add_bias_linear=bias_linear, add_qkv_bias=qkv_bias,
-        qk_layernorm=view.get(QK_NORMS[0] + ".weight", 0) is not None,
+        qk_layernorm=(view.get(QK_NORMS[0] + ".weight", 0) is not None if mla_dims is None
+                      else mla_qk_layernorm(view, mla_dims)),
         untie_embeddings_and_output_weights=view.get(OUTPUT) is not None,
         normalization=_normalization(view),
         position_embedding_type=PositionEmbedding.ROPE if rope else PositionEmbedding.LEARNED_ABSOLUTE,
         source_vocab_rows=rows, true_vocab_size=true, padded_vocab_size=padded,
-        **facts.model_dump(), qkv_layout=None, fc1_layout=None)
+        **(facts.model_dump() | {"defaulted": facts.defaulted + mla_defaulted}), qkv_layout=None,
+        fc1_layout=None, mla=mla_dims)
     _cross_check(given, arch)
     _layer_shapes(view, arch)
     if pos is not None:

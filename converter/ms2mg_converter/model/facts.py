@@ -80,9 +80,16 @@ class _HasFacts(Protocol):
     def defaulted(self) -> tuple[str, ...]: ...
 
 
+def _value(facts: _HasFacts, name: str) -> object:
+    """A fact's value; MLA's RoPE facts live in `facts.mla` (`model.mla.MlaDims`)."""
+    if hasattr(facts, name):
+        return getattr(facts, name)
+    return getattr(getattr(facts, "mla", None), name, None)
+
+
 def describe_defaulted(facts: _HasFacts) -> str:
     """One line for the log and the result: which facts were defaulted, to what, and how to state them."""
-    shown = ", ".join(f"{name}={getattr(facts, name)}" for name in facts.defaulted)
+    shown = ", ".join(f"{name}={_value(facts, name)}" for name in facts.defaulted)
     return (f"model facts not stated by the flags, the --config YAML or the naming family were set to "
             f"Megatron's defaults: {shown}. If the model was trained with other values, the converted "
             "checkpoint computes wrong outputs: state them with --config MODEL.yaml or the flags "
