@@ -212,7 +212,7 @@ def mla_parallel_problems(dims: MlaDims, tp: int, down_split: bool) -> list[str]
     if down_split and dims.q_lora_rank is not None:
         sizes.append(("q_lora_rank", dims.q_lora_rank))
     return [f"{what} ({n}) is not divisible by tensor parallel size ({tp}): the local spec splits "
-            "linear_q_down_proj / linear_kv_down_proj by rows (use --transformer-impl transformer_engine, "
+            "linear_q_down_proj / linear_kv_down_proj by rows (use --saver-transformer-impl transformer_engine, "
             "which replicates them, or another TP)" for what, n in sizes if n % tp]
 
 
