@@ -41,7 +41,8 @@ def _truth(lora: bool, seed: int = 0) -> dict[str, torch.Tensor]:
                   p + "self_attn.q_b_proj.weight": r(NH * (DQK + DR), QL)}
         else:
             t[p + "self_attn.q_proj.weight"] = r(NH * (DQK + DR), H)
-        t |= {p + "self_attn.kv_a_proj_with_mqa.weight": r(KL + DR, H), p + "self_attn.kv_a_layernorm.weight": 1 + r(KL),
+        t |= {p + "self_attn.kv_a_proj_with_mqa.weight": r(KL + DR, H),
+              p + "self_attn.kv_a_layernorm.weight": 1 + r(KL),
               p + "self_attn.kv_b_proj.weight": r(NH * (DQK + DV), KL), p + "self_attn.o_proj.weight": r(H, NH * DV),
               p + "input_layernorm.weight": 1 + r(H), p + "post_attention_layernorm.weight": 1 + r(H),
               p + "mlp.gate_proj.weight": r(FFN, H), p + "mlp.up_proj.weight": r(FFN, H),
@@ -107,7 +108,8 @@ def _expected_rank(t: dict[str, torch.Tensor], lora: bool, tp: int, r: int, te: 
         mlp = f"decoder.layers.{i}.mlp."
         mlp_norm = mlp + "linear_fc1.layer_norm_weight" if te else f"decoder.layers.{i}.pre_mlp_layernorm.weight"
         out[mlp_norm] = t[p + "post_attention_layernorm.weight"]
-        out[mlp + "linear_fc1.weight"] = torch.cat([col(t[p + "mlp.gate_proj.weight"]), col(t[p + "mlp.up_proj.weight"])])
+        gate, up = col(t[p + "mlp.gate_proj.weight"]), col(t[p + "mlp.up_proj.weight"])
+        out[mlp + "linear_fc1.weight"] = torch.cat([gate, up])
         out[mlp + "linear_fc2.weight"] = torch.chunk(t[p + "mlp.down_proj.weight"], tp, dim=1)[r]
     return out
 
@@ -138,7 +140,7 @@ def _run(src: Path, save: Path, *extra: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("tp,pp,impl", [(1, 1, "local"), (2, 2, "local"), (2, 1, "transformer_engine")])
+@pytest.mark.parametrize(("tp", "pp", "impl"), [(1, 1, "local"), (2, 2, "local"), (2, 1, "transformer_engine")])
 def test_ranks_match_truth(sources: dict, tmp_path: Path, name: str, tp: int, pp: int, impl: str) -> None:
     src, truth = sources[name]
     lora = VARIANTS[name][0]
@@ -165,22 +167,41 @@ def test_ranks_match_truth(sources: dict, tmp_path: Path, name: str, tp: int, pp
     args = files[sorted(files)[0]]["args"]
     assert args.multi_latent_attention and args.kv_lora_rank == KL and args.qk_head_dim == DQK
     assert (args.qk_pos_emb_head_dim, args.v_head_dim, args.q_lora_rank) == (DR, DV, QL if lora else None)
-    result = json.loads((save / "ms2mg_manifest.json").read_text()) if (save / "ms2mg_manifest.json").exists() else None
-    if result is not None:
-        assert "mtp.layers.0.enorm.weight" in result["dropped_keys"]
+    manifest = json.loads((save / "ms2mg-manifest.json").read_text())
+    assert manifest["dropped_keys"] == ["mtp.layers.0.enorm.weight"]  # MTP: dropped and listed
+    assert manifest["architecture"]["mla"]["kv_lora_rank"] == KL
 
 
 @pytest.mark.parametrize("name", ["concat", "split-noq"])
 def test_megatron_strict_load_and_logits(sources: dict, tmp_path: Path, name: str) -> None:
+    """Every rank strict-loads into megatron-core's MLA GPTModel (approach C); logits at TP1 and PP2 match the
+    independent reference. megatron-core 0.16.1 builds `linear_q_proj` without the `tp_group` it gives every
+    other linear, so with fake in-process groups it is full size: a TP2 `linear_q_proj` is loaded by
+    `test_megatron_tp2_logits` on real gloo ranks instead."""
     src, truth = sources[name]
-    for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+    lora = VARIANTS[name][0]
+    for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)) if lora else ((1, 1), (1, 2)):
         save = tmp_path / f"tp{tp}pp{pp}"
         _run(src, save, *_flags(name), "--tp", str(tp), "--pp", str(pp))
-        mc.load_all_ranks_strict(mc.open_checkpoint(save))
+        mc.load_all_ranks_strict(mc.open_checkpoint(save), te="final-norm")
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _reference_logits(truth, ids, lora)
     for tp, pp in ((1, 1), (1, 2)):
-        got = mc.logits_in_process(mc.open_checkpoint(tmp_path / f"tp{tp}pp{pp}"), ids)
-        want = _reference_logits(truth, ids, VARIANTS[name][0])
+        got = mc.logits_in_process(mc.open_checkpoint(tmp_path / f"tp{tp}pp{pp}"), ids, te="final-norm")
+        assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
+
+
+def test_megatron_tp2_logits(sources: dict, tmp_path: Path) -> None:
+    """TP2 on two real gloo ranks (strict load on real process groups, vocab-parallel logits gathered), for
+    both the q-compressed (split down projections) and the linear_q_proj variant."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    dirs, wants = [], []
+    for name in ("concat", "split-noq"):
+        src, truth = sources[name]
+        _run(src, tmp_path / name, *_flags(name), "--tp", "2", "--no-final-norm-extra-state")
+        dirs.append(tmp_path / name)
+        wants.append(_reference_logits(truth, ids, VARIANTS[name][0]))
+    for got, want in zip(mc.logits_multiprocess(dirs, ids), wants, strict=True):
         assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
 
 
@@ -210,7 +231,8 @@ def _reference_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, lora: bool)
             q = n @ t[p + "q_proj.weight"].T
         q = q.view(b, s, NH, DQK + DR)
         kv_a = n @ t[p + "kv_a_proj_with_mqa.weight"].T
-        kv = (_rms(kv_a[..., :KL], t[p + "kv_a_layernorm.weight"]) @ t[p + "kv_b_proj.weight"].T).view(b, s, NH, DQK + DV)
+        kv = _rms(kv_a[..., :KL], t[p + "kv_a_layernorm.weight"]) @ t[p + "kv_b_proj.weight"].T
+        kv = kv.view(b, s, NH, DQK + DV)
         k_pe = _rope(kv_a[..., KL:].view(b, s, 1, DR), pos).expand(b, s, NH, DR)
         qq = torch.cat([q[..., :DQK], _rope(q[..., DQK:], pos)], -1).transpose(1, 2)
         kk = torch.cat([kv[..., :DQK], k_pe], -1).transpose(1, 2)
@@ -219,5 +241,6 @@ def _reference_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, lora: bool)
         att = att.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         x = x + (att @ vv).transpose(1, 2).reshape(b, s, NH * DV) @ t[p + "o_proj.weight"].T
         m, mp = _rms(x, t[f"model.layers.{i}.post_attention_layernorm.weight"]), f"model.layers.{i}.mlp."
-        x = x + (F.silu(m @ t[mp + "gate_proj.weight"].T) * (m @ t[mp + "up_proj.weight"].T)) @ t[mp + "down_proj.weight"].T
+        act = F.silu(m @ t[mp + "gate_proj.weight"].T) * (m @ t[mp + "up_proj.weight"].T)
+        x = x + act @ t[mp + "down_proj.weight"].T
     return _rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
