@@ -244,3 +244,64 @@ def _reference_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, lora: bool)
         act = F.silu(m @ t[mp + "gate_proj.weight"].T) * (m @ t[mp + "up_proj.weight"].T)
         x = x + act @ t[mp + "down_proj.weight"].T
     return _rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
+
+
+def _plan(src: Path, tp: int = 1, **model: object):
+    from ms2mg_converter.config import ConvertConfig, Fc1Layout, LayoutConfig, ModelOverrides
+    from ms2mg_converter.plan import build_plan
+
+    base: dict[str, object] = {"num_attention_heads": NH, "rope_type": "rope"}
+    values = {k: v for k, v in (base | model).items() if v is not None}
+    return build_plan(ConvertConfig(load_dir=src, tensor_parallel=tp, model=ModelOverrides(**values),
+                                    layouts=LayoutConfig(fc1=Fc1Layout.GATE_UP)))
+
+
+@pytest.mark.parametrize(("name", "model", "error", "message"), [
+    ("concat", {"num_attention_heads": None}, "UsageError", "attention heads of a multi-latent"),
+    ("concat", {"rope_type": None}, "UsageError", "--rope-type"),
+    ("concat-noq", {}, "UsageError", "--qk-pos-emb-head-dim"),
+    ("concat", {"q_lora_rank": 99}, "ShapeError", "--q-lora-rank 99 but the tensors say 24"),
+    ("split", {"v_head_dim": 7}, "ShapeError", "--v-head-dim 7 but the tensors say 6"),
+    ("split", {"num_attention_heads": 5}, "ShapeError", "not a multiple of the 5 attention heads"),
+])
+def test_bad_mla_input_is_refused_clearly(sources: dict, name: str, model: dict, error: str, message: str) -> None:
+    from ms2mg_converter import errors
+
+    with pytest.raises(getattr(errors, error), match=message.replace("-", r"\-")):
+        _plan(sources[name][0], **model)
+
+
+def test_yarn_facts_defaulted_and_stored(sources: dict) -> None:
+    plan = _plan(sources["split"][0], rope_type="yarn", rotary_scaling_factor=4.0)
+    assert {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings"} <= set(
+        plan.arch.defaulted)
+    assert "rotary_scaling_factor" not in plan.arch.defaulted
+    assert (plan.args["rope_type"], plan.args["rotary_scaling_factor"], plan.args["beta_fast"]) == ("yarn", 4.0, 32.0)
+    from ms2mg_converter.model.facts import describe_defaulted
+
+    assert "beta_fast=32.0" in describe_defaulted(plan.arch)
+
+
+def test_mla_split_must_divide() -> None:
+    """Local spec: the down projections are split by rows, so q_lora_rank and kv_lora_rank + qk_pos_emb_head_dim
+    must divide by TP; the TE spec replicates them (no rule)."""
+    from ms2mg_converter.model.mla import MlaDims, mla_parallel_problems
+
+    dims = MlaDims(heads=8, q_lora_rank=20, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6,
+                   rope_type="rope", rotary_scaling_factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                   beta_slow=1, mscale=1, mscale_all_dim=0)
+    problems = mla_parallel_problems(dims, 8, down_split=True)
+    assert len(problems) == 2 and "kv_lora_rank + qk_pos_emb_head_dim (20)" in problems[0]
+    assert "q_lora_rank (20)" in problems[1]
+    assert mla_parallel_problems(dims, 8, down_split=False) == []
+    assert mla_parallel_problems(dims, 4, down_split=True) == []
+
+
+def test_layer_missing_kv_layernorm(tmp_path: Path) -> None:
+    from ms2mg_converter import errors
+
+    mf = _mindformers(_truth(True), True, False)
+    del mf["decoder.layers.2.self_attention.kv_layernorm.weight"]
+    save_file(mf, str(tmp_path / "model.safetensors"))
+    with pytest.raises(errors.MissingKeyError, match="layer 2"):
+        _plan(tmp_path)
