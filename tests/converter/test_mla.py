@@ -305,3 +305,25 @@ def test_layer_missing_kv_layernorm(tmp_path: Path) -> None:
     save_file(mf, str(tmp_path / "model.safetensors"))
     with pytest.raises(errors.MissingKeyError, match="layer 2"):
         _plan(tmp_path)
+
+
+def test_yaml_states_mla_facts(sources: dict, tmp_path: Path) -> None:
+    """A MindFormers mcore YAML (`multi_latent_attention: True`, `position_embedding_type: yarn`,
+    `rotary_scaling_factor`) and an HF-style `rope_scaling` block both state the RoPE facts."""
+    from ms2mg_converter.config import ConvertConfig, Fc1Layout, LayoutConfig
+    from ms2mg_converter.plan import build_plan
+
+    mcore = tmp_path / "mcore.yaml"
+    mcore.write_text("model:\n  model_config:\n    num_attention_heads: 4\n    multi_latent_attention: True\n"
+                     "    position_embedding_type: \"yarn\"\n    rotary_scaling_factor: 64.0\n    q_lora_rank: 24\n"
+                     "    qk_rope_head_dim: 4\n    mscale: 0.707\n", encoding="utf-8")
+    hf = tmp_path / "hf.yaml"
+    hf.write_text("model:\n  model_config:\n    num_attention_heads: 4\n    rope_scaling:\n      type: yarn\n"
+                  "      factor: 40\n      beta_fast: 32\n      beta_slow: 1\n      mscale: 1.0\n"
+                  "      mscale_all_dim: 1.0\n      original_max_position_embeddings: 4096\n", encoding="utf-8")
+    for yaml_file, factor, defaulted in ((mcore, 64.0, True), (hf, 40.0, False)):
+        plan = build_plan(ConvertConfig(load_dir=sources["concat"][0], config_yaml=yaml_file,
+                                        layouts=LayoutConfig(fc1=Fc1Layout.GATE_UP)))
+        assert plan.arch.mla is not None and plan.arch.mla.rope_type == "yarn"
+        assert plan.arch.mla.rotary_scaling_factor == factor
+        assert ("beta_fast" in plan.arch.defaulted) is defaulted
