@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -327,3 +329,28 @@ def test_yaml_states_mla_facts(sources: dict, tmp_path: Path) -> None:
         assert plan.arch.mla is not None and plan.arch.mla.rope_type == "yarn"
         assert plan.arch.mla.rotary_scaling_factor == factor
         assert ("beta_fast" in plan.arch.defaulted) is defaulted
+
+
+def verify(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m ms2mg_converter verify ARGS`."""
+    return subprocess.run([sys.executable, "-m", "ms2mg_converter", "verify", *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_verify_rebuilds_mla_tensors_from_the_fused_source(sources: dict, tmp_path: Path) -> None:
+    """`ms2mg verify` rebuilds the split of the fused linear_qkv from the source and finds a changed value."""
+    from ms2mg_converter.verify.ckptfile import peek
+    src, _ = sources["concat"]
+    save = tmp_path / "out"
+    _run(src, save, *_flags("concat"), "--tp", "2")
+    assert verify("--load-dir", str(src), "--save-dir", str(save)).returncode == 0
+    path = save / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    rf = peek(path)
+    stored = rf.content["model"]["decoder.layers.1.self_attention.linear_kv_down_proj.weight"]
+    start, _ = rf.data_offsets[f"{rf.prefix}/{stored.record}"]
+    raw = bytearray(path.read_bytes())
+    raw[start + 4] ^= 0x40
+    path.write_bytes(bytes(raw))
+    done = verify("--load-dir", str(src), "--save-dir", str(save))
+    assert done.returncode == 5
+    assert "MISMATCH" in done.stdout and "decoder.layers.1.self_attention.linear_kv_down_proj.weight" in done.stdout
