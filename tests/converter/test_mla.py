@@ -354,3 +354,29 @@ def test_verify_rebuilds_mla_tensors_from_the_fused_source(sources: dict, tmp_pa
     done = verify("--load-dir", str(src), "--save-dir", str(save))
     assert done.returncode == 5
     assert "MISMATCH" in done.stdout and "decoder.layers.1.self_attention.linear_kv_down_proj.weight" in done.stdout
+
+
+def test_te_names_load_into_megatron_and_match_logits(sources: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--saver-transformer-impl transformer_engine` at TP1: megatron-core's own TE->local mapping
+    (`mcore_gpt_load_te_state_dict_pre_hook`: `linear_q_up_proj.layer_norm_weight` -> `q_layernorm.weight`, ...)
+    loads every rank strictly, TE's `_extra_state` on the separate input TENorm and the core attention, and the
+    logits match the reference."""
+    original = mc.te_like
+
+    def te_like_mla(model: object, spec: str) -> object:
+        model = original(model, spec)
+        for layer in model.decoder.layers:  # type: ignore[attr-defined]
+            mc.with_te_extra_state(layer.input_layernorm)  # MLA under TE: a separate TENorm
+        return model
+
+    monkeypatch.setattr(mc, "te_like", te_like_mla)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    for name in ("concat", "split-noq"):
+        src, truth = sources[name]
+        for pp in (1, 2):
+            save = tmp_path / f"{name}-{pp}"
+            _run(src, save, *_flags(name), "--pp", str(pp), "--saver-transformer-impl", "transformer_engine")
+            got = mc.logits_in_process(mc.open_checkpoint(save), ids, te="te-names")
+            want = _reference_logits(truth, ids, VARIANTS[name][0])
+            assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()

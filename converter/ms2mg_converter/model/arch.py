@@ -295,7 +295,9 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     """Resolve the full architecture from headers, flags and YAML; raise on any contradiction."""
     given, layouts = merged_inputs(cfg)
     mla = is_mla(view)
-    view = without_dense_qkv(view) if mla else view
+    if mla:  # MLA has no groups and no single head dim: a YAML's num_key_value_heads / kv_channels are moot
+        view = without_dense_qkv(view)
+        given = given.model_copy(update={"kv_channels": None, "num_query_groups": None})
     num_layers = _check_layers(view)
     qkv_shape = (0,) if mla else _require(view, QKV + ".weight", 0)
     _require(view, PROJ + ".weight", 0)
