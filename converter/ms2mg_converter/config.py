@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,6 +103,20 @@ class ModelOverrides(BaseModel):
     rotary_percent: float | None = Field(default=None, gt=0, le=1)
     rotary_interleaved: bool | None = None
     norm_epsilon: float | None = Field(default=None, gt=0)
+    # Multi-latent attention (MLA, DeepSeek-V2/V3): the head split the tensors cannot tell, and the RoPE
+    # scaling facts (megatron-core MLATransformerConfig's names; `model.mla`).
+    q_lora_rank: int | None = Field(default=None, ge=1)
+    kv_lora_rank: int | None = Field(default=None, ge=1)
+    qk_head_dim: int | None = Field(default=None, ge=1)
+    qk_pos_emb_head_dim: int | None = Field(default=None, ge=1)
+    v_head_dim: int | None = Field(default=None, ge=1)
+    rope_type: Literal["rope", "yarn"] | None = None
+    rotary_scaling_factor: float | None = Field(default=None, gt=0)
+    original_max_position_embeddings: int | None = Field(default=None, ge=1)
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
     def merged_over(self, base: ModelOverrides) -> ModelOverrides:
         """These values where set, else `base`'s (flags win over the YAML)."""

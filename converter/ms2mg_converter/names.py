@@ -46,3 +46,12 @@ EXPERT_PREFIX = f"{L}mlp.experts.local_experts."
 def expert_name(x: int, fc: int) -> str:
     """The canonical name of global expert `x`'s linear_fc1 (fc=1) or linear_fc2 (fc=2) weight."""
     return f"{EXPERT_PREFIX}{x}.linear_fc{fc}.weight"
+
+# Multi-latent attention (DeepSeek-V2/V3 MLA; megatron-core MLASelfAttention): the q_layernorm is Q_NORM.
+MLA_Q = f"{L}self_attention.linear_q_proj"
+MLA_Q_DOWN = f"{L}self_attention.linear_q_down_proj"
+MLA_Q_UP = f"{L}self_attention.linear_q_up_proj"
+MLA_KV_DOWN = f"{L}self_attention.linear_kv_down_proj"
+MLA_KV_UP = f"{L}self_attention.linear_kv_up_proj"
+MLA_KV_NORM = f"{L}self_attention.kv_layernorm"
+MLA_LINEARS = (MLA_Q, MLA_Q_DOWN, MLA_Q_UP, MLA_KV_DOWN, MLA_KV_UP)

@@ -164,6 +164,10 @@ def model_setup(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, dict
 
     missing = [k for k in _REQUIRED_ARGS if getattr(args, k, None) is None and k != "num_query_groups"]
     assert not missing, f"checkpoint args lack {missing}"
+    if getattr(args, "multi_latent_attention", False):
+        from tests.converter.mla_consumer import mla_model_setup
+
+        return mla_model_setup(args, dtype, virtual_size(args))
     assert not getattr(args, "rotary_interleaved", False), "rotary_interleaved is not what MindFormers uses"
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,

@@ -24,14 +24,20 @@ from tests.converter.megatron_consumer import layer_placement
 TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
             "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-            "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+            "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+            "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+            "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight"}
+MLA_COLUMN = ("linear_q_proj.weight", "linear_q_up_proj.weight", "linear_kv_up_proj.weight")
+MLA_DOWN = ("linear_q_down_proj.weight", "linear_kv_down_proj.weight")
 
 
-def split_kind(name: str) -> str:
+def split_kind(name: str, te: bool = False) -> str:
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return "vocab"
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", *MLA_COLUMN)):
         return "column"
+    if name.endswith(MLA_DOWN):  # MLA down projections: ColumnParallelLinear (local), TELinear duplicated (TE)
+        return "replicated" if te else "column"
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
         return "glu"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
@@ -101,7 +107,8 @@ def merge_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], argparse.Name
                 if name == "output_layer.weight" and not args.untie_embeddings_and_output_weights:
                     name = "tied-output-copy"
                 shards[name].append(value)
-    merged = {n: Split(split_kind(n) if n != "tied-output-copy" else "vocab").merge(s, args.swiglu)
+    te = getattr(args, "transformer_impl", "local") == "transformer_engine"
+    merged = {n: Split(split_kind(n, te) if n != "tied-output-copy" else "vocab").merge(s, args.swiglu)
               for n, s in shards.items()}
     if "tied-output-copy" in merged:
         assert torch.equal(merged.pop("tied-output-copy"), merged["embedding.word_embeddings.weight"])

@@ -119,6 +119,30 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     _bool_flag(g, "qkv-bias", "bias on linear_qkv only, Qwen2 style (inferred)")
     _bool_flag(g, "qk-layernorm", "q/k layernorm, Qwen3 style (inferred)")
     _bool_flag(g, "untie-embeddings-and-output-weights", "separate output layer (inferred)")
+    _add_mla(p)
+
+
+def _add_mla(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-latent attention (MLA, DeepSeek-V2/V3; checked against the tensors)")
+    for name, what in (
+        ("q-lora-rank", "query compression rank (inferred from linear_q_down_proj / linear_qb)"),
+        ("kv-lora-rank", "KV compression rank (inferred from linear_kv_up_proj / linear_kvb)"),
+        ("qk-head-dim", "per-head q/k dimension without RoPE (inferred)"),
+        ("qk-pos-emb-head-dim", "per-head RoPE dimension (inferred; needed for a fused linear_qkv without "
+                                "q compression)"),
+        ("v-head-dim", "per-head value dimension (inferred)"),
+        ("original-max-position-embeddings", "YaRN: the pre-extension context length (default 4096, reported)"),
+    ):
+        g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=what)
+    g.add_argument("--rope-type", choices=["rope", "yarn"], default=None,
+                   help="MLA RoPE: plain or YaRN-scaled (needed for MLA: flag or --config)")
+    for name, what in (
+        ("rotary-scaling-factor", "YaRN scaling factor (default 40, reported as defaulted)"),
+        ("beta-fast", "YaRN beta_fast (default 32, reported)"), ("beta-slow", "YaRN beta_slow (default 1, reported)"),
+        ("mscale", "YaRN mscale (default 1.0, reported)"), ("mscale-all-dim", "YaRN mscale_all_dim (default 0, "
+                                                                              "reported)"),
+    ):
+        g.add_argument(f"--{name}", type=float, default=None, metavar="F", help=what)
 
 
 def _add_vocab_and_output(p: argparse.ArgumentParser) -> None:

@@ -5,13 +5,14 @@ the planner executes their row maps, verification re-states them with torch. Pur
 
 * `rows`: the row-map primitive (`Run`) every operation is executed with;
 * `base`: the `LayoutOp` interface (`runs` / `apply` / `invert`, and what architecture inference asks);
-* `copy`, `qkv`, `glu`: the operations;
+* `copy`, `qkv`, `glu`, `mla`: the operations;
 * `tp`: Megatron's tensor-parallel split rules (`Split`).
 """
 
 from ms2mg_converter.layout.base import Dims, LayoutOp
 from ms2mg_converter.layout.copy import Copy, Fc1BiasZeros, HiddenBiasZeros, QkvBiasZeros, VocabResize, Zeros
 from ms2mg_converter.layout.glu import GluFused, GluSplit
+from ms2mg_converter.layout.mla import MlaFusedKv, MlaFusedQ, fuse_qkv
 from ms2mg_converter.layout.qkv import QkvFromQAndKv, QkvFused, QkvSplit
 from ms2mg_converter.layout.rows import Run, concat, covered, identity, select
 from ms2mg_converter.layout.tp import Split, glu_parts
@@ -24,6 +25,8 @@ __all__ = [
            "GluSplit",
            "HiddenBiasZeros",
            "LayoutOp",
+           "MlaFusedKv",
+           "MlaFusedQ",
            "QkvBiasZeros",
            "QkvFromQAndKv",
            "QkvFused",
@@ -34,6 +37,7 @@ __all__ = [
            "Zeros",
            "concat",
            "covered",
+           "fuse_qkv",
            "glu_parts",
            "identity",
            "select",

@@ -25,6 +25,7 @@ from ms2mg_converter.config import (
 from ms2mg_converter.errors import MissingKeyError, ParallelismError, ShapeError, UsageError
 from ms2mg_converter.model.facts import resolve_facts
 from ms2mg_converter.model.layouts import resolve_layouts
+from ms2mg_converter.model.mla import MlaDims, check_mla_layers, infer_mla, is_mla, mla_qk_layernorm, without_dense_qkv
 from ms2mg_converter.model.moe import MoeArch, first_dense_layer, infer_moe, is_mlp
 from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, NORMS, OUTPUT, POS, PROJ, QK_NORMS, QKV, ROUTER
 from ms2mg_converter.source.resolve import Logical, SourceView
@@ -66,6 +67,8 @@ class Architecture(BaseModel):
     """Mixture of experts (`model.moe`); None: a dense model."""
     defaulted: tuple[str, ...] = ()
     """Model facts nothing stated (flags, YAML, family), set to Megatron's defaults (`model.facts`)."""
+    mla: MlaDims | None = None
+    """Multi-latent attention sizes and RoPE facts (`model.mla`); None: grouped-query attention."""
 
 
 def _shape(view: SourceView, target: str, layer: int | None = None) -> tuple[int, ...] | None:
@@ -186,8 +189,12 @@ def _layer_shapes(view: SourceView, a: Architecture) -> None:
     expected = {NORMS[0]: (h,), NORMS[1]: (h,), QKV: (qkv_rows,), PROJ: (h,), FC1: (fc1_rows,), FC2: (h,)}
     weights = {QKV: (qkv_rows, h), PROJ: (h, a.num_attention_heads * a.kv_channels), FC1: (fc1_rows, h),
                FC2: (h, a.ffn_hidden_size)}
+    if a.mla is not None:
+        check_mla_layers(view, a)
+        del expected[QKV], weights[QKV]
     for layer in range(a.num_layers):
-        _check_attention(view, layer, a)
+        if a.mla is None:
+            _check_attention(view, layer, a)
         for base, shape in weights.items():
             logical = view.get(base + ".weight", layer)
             if logical is None and base in (FC1, FC2) and a.moe is not None and a.moe.is_moe(layer):
@@ -307,18 +314,31 @@ def merged_moe(cfg: ConvertConfig) -> tuple[MoeConfig, dict[str, int]]:
     return cfg.moe.merged_over(router), sizes
 
 
+def _mla(view: SourceView, given: ModelOverrides) -> tuple[MlaDims, tuple[str, ...]]:
+    if given.num_attention_heads is None:
+        raise UsageError("the number of attention heads of a multi-latent attention model cannot be read from "
+                         "the tensors: pass --num-attention-heads or --config MODEL.yaml.")
+    return infer_mla(view, given, given.num_attention_heads)
+
+
 def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
     """Resolve the full architecture from headers, flags and YAML; raise on any contradiction."""
     given, layouts = merged_inputs(cfg)
+    mla = is_mla(view)
+    if mla:  # MLA has no groups and no single head dim: a YAML's num_key_value_heads / kv_channels are moot
+        view = without_dense_qkv(view)
+        given = given.model_copy(update={"kv_channels": None, "num_query_groups": None})
     num_layers = _check_layers(view)
-    qkv_shape = _require(view, QKV + ".weight", 0)
+    qkv_shape = (0,) if mla else _require(view, QKV + ".weight", 0)
     _require(view, PROJ + ".weight", 0)
     for n in NORMS:
         _require(view, n + ".weight", 0)
     _require(view, FINAL + ".weight")
     emb = _require(view, EMBED)
     h = emb[1] if len(emb) == 2 else 0
-    heads, groups, d = _heads(view, given, h, qkv_shape[0])
+    mla_dims, mla_defaulted = _mla(view, given) if mla else (None, ())
+    heads, groups, d = ((mla_dims.heads, mla_dims.heads, mla_dims.v_head_dim) if mla_dims is not None
+                        else _heads(view, given, h, qkv_shape[0]))
     moe = infer_moe(view, h, *merged_moe(cfg))
     ffn, swiglu = _mlp(view, h, moe)
     if heads % groups:
@@ -334,13 +354,15 @@ def infer_architecture(view: SourceView, cfg: ConvertConfig) -> Architecture:
         family=view.family.name, num_layers=num_layers, hidden_size=h, ffn_hidden_size=ffn,
         num_attention_heads=heads, num_query_groups=groups, kv_channels=d, swiglu=swiglu,
         add_bias_linear=bias_linear, add_qkv_bias=qkv_bias,
-        qk_layernorm=view.get(QK_NORMS[0] + ".weight", 0) is not None,
+        qk_layernorm=(view.get(QK_NORMS[0] + ".weight", 0) is not None if mla_dims is None
+                      else mla_qk_layernorm(view, mla_dims)),
         untie_embeddings_and_output_weights=view.get(OUTPUT) is not None,
         normalization=_normalization(view),
         position_embedding_type=PositionEmbedding.ROPE if rope else PositionEmbedding.LEARNED_ABSOLUTE,
         source_vocab_rows=rows, true_vocab_size=true, padded_vocab_size=padded,
-        **{**facts.model_dump(), "defaulted": tuple(sorted((*facts.defaulted, *(moe.defaulted if moe else ()))))},
-        qkv_layout=None, fc1_layout=None, moe=moe)
+        **(facts.model_dump() | {"defaulted": tuple(sorted((*facts.defaulted, *mla_defaulted,
+                                                             *(moe.defaulted if moe else ()))))}),
+        qkv_layout=None, fc1_layout=None, moe=moe, mla=mla_dims)
     _cross_check(given, arch)
     _layer_shapes(view, arch)
     if pos is not None:

@@ -81,10 +81,15 @@ class _HasFacts(Protocol):
 
 
 def _value(facts: _HasFacts, name: str) -> object:
-    """A fact's value; MoE router facts live in the architecture's `moe` part (`model.moe`)."""
+    """A fact's value; MoE router facts live in the architecture's `moe` part (`model.moe`), MLA's RoPE facts
+    in `mla` (`model.mla.MlaDims`)."""
     if hasattr(facts, name):
         return getattr(facts, name)
-    return getattr(getattr(facts, "moe", None), name, None)
+    for part in ("moe", "mla"):
+        value = getattr(getattr(facts, part, None), name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def describe_defaulted(facts: _HasFacts) -> str:

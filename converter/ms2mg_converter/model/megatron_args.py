@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ms2mg_converter.config import ConvertConfig, DType
 from ms2mg_converter.model.arch import Architecture
+from ms2mg_converter.model.mla import mla_args
 from ms2mg_converter.model.moe import moe_args
 from ms2mg_converter.pipeline import virtual_stages
 
@@ -61,6 +62,7 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "add_bias_linear": arch.add_bias_linear,
         "add_qkv_bias": arch.add_qkv_bias or arch.add_bias_linear,
         "qk_layernorm": arch.qk_layernorm,
+        **mla_args(arch.mla),
         "untie_embeddings_and_output_weights": arch.untie_embeddings_and_output_weights,
         "padded_vocab_size": arch.padded_vocab_size,
         "make_vocab_size_divisible_by": cfg.vocab.make_vocab_size_divisible_by,

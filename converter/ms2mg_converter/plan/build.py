@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 from ms2mg_converter.checks import parallelism_problems
-from ms2mg_converter.config import ConvertConfig, ModelOverrides
+from ms2mg_converter.config import ConvertConfig, ModelOverrides, TransformerImpl
 from ms2mg_converter.errors import MissingKeyError, ParallelismError
 from ms2mg_converter.layout import LayoutOp, Run, Split, VocabResize, concat, covered, select
 from ms2mg_converter.model.arch import Architecture, infer_architecture
 from ms2mg_converter.model.megatron_args import megatron_args
+from ms2mg_converter.model.mla import mla_parallel_problems
 from ms2mg_converter.names import fill
 from ms2mg_converter.pipeline import ChunkPlacement
 from ms2mg_converter.plan.entries import (
@@ -34,7 +35,7 @@ def layout_op(logical: Logical, arch: Architecture, cfg: ConvertConfig) -> Layou
     """The operation that builds this Megatron tensor, bound to the model (vocabulary tables: resized)."""
     shapes = [i.shape for i in logical.inputs]
     op = logical.recipe.op.bind(arch, shapes)
-    if split_of(logical.target) is Split.VOCAB and op.rebuild_whole is False:
+    if split_of(logical.target, cfg.transformer_impl) is Split.VOCAB and op.rebuild_whole is False:
         rows = shapes[0][0]
         return VocabResize(rows, arch.true_vocab_size or rows, arch.padded_vocab_size, cfg.vocab.pad_fill)
     return op
@@ -48,7 +49,7 @@ def _rank_runs(runs: list[Run], split: Split, arch: Architecture, tp: int, r: in
 def _entry(slot: Slot, logical: Logical, plan_ctx: tuple[Architecture, ConvertConfig, int]) -> TensorEntry:
     arch, cfg, r = plan_ctx
     assert slot.template is not None
-    split = split_of(slot.template)
+    split = split_of(slot.template, cfg.transformer_impl)
     rest = logical.inputs[0].shape[1:] if logical.inputs else ()  # no inputs: a synthesized vector
     op = layout_op(logical, arch, cfg)
     runs, rows = _rank_runs(op.runs(), split, arch, cfg.tensor_parallel, r)
@@ -111,6 +112,9 @@ def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
     problems = parallelism_problems(values, cfg.tensor_parallel, cfg.pipeline_parallel,
                                     cfg.pipeline_layout)
     problems += expert_problems(arch, cfg.tensor_parallel, cfg.moe.expert_parallel, cfg.moe.expert_tensor_parallel)
+    if arch.mla is not None:
+        problems += mla_parallel_problems(arch.mla, cfg.tensor_parallel,
+                                          cfg.transformer_impl is not TransformerImpl.TRANSFORMER_ENGINE)
     if arch.padded_vocab_size % cfg.tensor_parallel:
         problems.append(f"the padded vocabulary ({arch.padded_vocab_size}) is not divisible by tensor "
                         f"parallel size ({cfg.tensor_parallel})")

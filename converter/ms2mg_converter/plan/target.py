@@ -16,7 +16,23 @@ from dataclasses import dataclass
 from ms2mg_converter.config import Normalization, PipelineLayout, TransformerImpl
 from ms2mg_converter.layout import Split
 from ms2mg_converter.model.arch import Architecture
-from ms2mg_converter.names import EMBED, FC1, FC2, OUTPUT, PROJ, QKV, SHARED_FC1, SHARED_FC2, L, expert_name
+from ms2mg_converter.names import (
+    EMBED,
+    FC1,
+    FC2,
+    MLA_KV_DOWN,
+    MLA_KV_UP,
+    MLA_Q,
+    MLA_Q_DOWN,
+    MLA_Q_UP,
+    OUTPUT,
+    PROJ,
+    QKV,
+    SHARED_FC1,
+    SHARED_FC2,
+    L,
+    expert_name,
+)
 from ms2mg_converter.pipeline import ChunkPlacement, placements
 from ms2mg_converter.plan.moe import NO_EXPERTS, ExpertRank, moe_slots
 
@@ -33,15 +49,26 @@ SPLITS: dict[str, Split] = {
     expert_name(0, 2): Split.ROW,
     f"{SHARED_FC1}.weight": Split.GLU,
     f"{SHARED_FC2}.weight": Split.ROW,
+    f"{MLA_Q}.weight": Split.COLUMN,
+    f"{MLA_Q_UP}.weight": Split.COLUMN,
+    f"{MLA_KV_UP}.weight": Split.COLUMN,
+    f"{MLA_Q_DOWN}.weight": Split.COLUMN,
+    f"{MLA_KV_DOWN}.weight": Split.COLUMN,
 }
 """Split kind per canonical tensor; everything else (norms, row-parallel biases, positions) is replicated."""
 
+TE_REPLICATED = frozenset({f"{MLA_Q_DOWN}.weight", f"{MLA_KV_DOWN}.weight"})
+"""MLA down projections: ColumnParallelLinear in the local spec, but TELinear `parallel_mode='duplicated'` in
+the TransformerEngine spec (megatron-core >= 0.14 gpt_layer_specs / multi_latent_attention.py)."""
 
 _EXPERT = re.compile(r"(\.local_experts\.)\d+\.")
 
 
-def split_of(template: str) -> Split:
-    """The split kind of a canonical tensor (routed experts: the rule of expert 0, expert TP = TP)."""
+def split_of(template: str, impl: TransformerImpl = TransformerImpl.LOCAL) -> Split:
+    """The split kind of a canonical tensor (routed experts: the rule of expert 0, expert TP = TP; MLA down
+    projections: replicated under TransformerEngine)."""
+    if impl is TransformerImpl.TRANSFORMER_ENGINE and template in TE_REPLICATED:
+        return Split.REPLICATED
     return SPLITS.get(_EXPERT.sub(r"\g<1>0.", template), Split.REPLICATED)
 
 
@@ -72,9 +99,36 @@ def _linear(prefix: str, template: str, layer: int | None, bias: bool, extra: bo
         yield Slot(f"{prefix}.{EXTRA}", None, layer)
 
 
-def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int, ep: ExpertRank) -> Iterator[Slot]:
+def _mla_slots(arch: Architecture, te: bool, j: int, layer: int, norm_extra: bool) -> Iterator[Slot]:
+    """An MLA layer's attention, in MLASelfAttention's order (megatron-core 0.16.1 state_dict())."""
+    p, t, a = f"decoder.layers.{j}.", L, f"decoder.layers.{j}.self_attention."
+    yield from _norm(arch, p + "input_layernorm", t + "input_layernorm", layer)  # TENorm, not fused, under TE
+    if te and norm_extra:
+        yield Slot(f"{p}input_layernorm.{EXTRA}", None, layer)
+    if te:
+        yield Slot(f"{a}core_attention.{EXTRA}", None, layer)
+    yield from _linear(a + "linear_proj", t + "self_attention.linear_proj", layer, False)
+    assert arch.mla is not None
+    lora = arch.mla.q_lora_rank is not None
+    names = ("linear_q_down_proj", "linear_q_up_proj") if lora else ("linear_q_proj",)
+    for name in (*names, "linear_kv_down_proj", "linear_kv_up_proj"):
+        norm = {"linear_q_up_proj": "q_layernorm", "linear_kv_up_proj": "kv_layernorm"}.get(name)
+        if te and norm and arch.qk_layernorm:  # TELayerNormColumnParallelLinear: the norm fused in
+            yield Slot(f"{a}{name}.layer_norm_weight", f"{t}self_attention.{norm}.weight", layer)
+        yield from _linear(a + name, f"{t}self_attention.{name}", layer, False)
+    if arch.qk_layernorm and not te:
+        for norm in ("q_layernorm", "kv_layernorm") if lora else ("kv_layernorm",):
+            yield Slot(f"{a}{norm}.weight", f"{t}self_attention.{norm}.weight", layer)
+
+
+def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int, ep: ExpertRank,
+                 norm_extra: bool = False) -> Iterator[Slot]:
     p, t = f"decoder.layers.{j}.", L
     te = impl is TransformerImpl.TRANSFORMER_ENGINE
+    if arch.mla is not None:
+        yield from _mla_slots(arch, te, j, layer, norm_extra)
+        yield from _mlp_slots(arch, te, j, layer, ep)
+        return
     if te:
         yield Slot(f"{p}self_attention.core_attention.{EXTRA}", None, layer)
     else:
@@ -87,6 +141,11 @@ def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int, 
     if arch.qk_layernorm:
         for which in ("q_layernorm", "k_layernorm"):
             yield from _norm(arch, f"{p}self_attention.{which}", f"{t}self_attention.{which}", layer)
+    yield from _mlp_slots(arch, te, j, layer, ep)
+
+
+def _mlp_slots(arch: Architecture, te: bool, j: int, layer: int, ep: ExpertRank) -> Iterator[Slot]:
+    p, t = f"decoder.layers.{j}.", L
     moe = arch.moe is not None and arch.moe.is_moe(layer)
     if te and not moe:  # MoE layers keep pre_mlp_layernorm under TE too (TENorm)
         yield from _te_norm(arch, p + "mlp.linear_fc1", t + "pre_mlp_layernorm", layer)
@@ -119,7 +178,7 @@ def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement
         if arch.position_embedding_type == "learned_absolute":
             yield Slot("embedding.position_embeddings.weight", "embedding.position_embeddings.weight")
     for j, layer in enumerate(chunk.layers):
-        yield from _layer_slots(arch, impl, j, layer, ep)
+        yield from _layer_slots(arch, impl, j, layer, ep, final_norm_extra_state)
     if not chunk.post_process:
         return
     yield from _norm(arch, "decoder.final_layernorm", "decoder.final_layernorm", None)

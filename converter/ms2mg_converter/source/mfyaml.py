@@ -36,6 +36,17 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "qkv_bias": ("add_qkv_bias", "qkv_has_bias"),
     "qk_layernorm": ("qk_layernorm", "use_qk_norm", "qk_norm"),
     "padded_vocab_size": ("vocab_size", "padded_vocab_size"),
+    "q_lora_rank": ("q_lora_rank",),
+    "kv_lora_rank": ("kv_lora_rank",),
+    "qk_head_dim": ("qk_head_dim", "qk_nope_head_dim"),
+    "qk_pos_emb_head_dim": ("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+    "v_head_dim": ("v_head_dim",),
+    "rotary_scaling_factor": ("rotary_scaling_factor", "scaling_factor"),
+    "original_max_position_embeddings": ("original_max_position_embeddings",),
+    "beta_fast": ("beta_fast",),
+    "beta_slow": ("beta_slow",),
+    "mscale": ("mscale",),
+    "mscale_all_dim": ("mscale_all_dim",),
 }
 """Model value -> its spellings in MindFormers YAMLs (first present wins)."""
 
@@ -92,6 +103,28 @@ def _extras(section: dict[str, Any], values: dict[str, Any]) -> None:
         values["rotary_base"] = GLM_ROPE_BASE * ratio
 
 
+_ROPE_SCALING = {"factor": "rotary_scaling_factor", "original_max_position_embeddings":
+                 "original_max_position_embeddings", "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+                 "mscale": "mscale", "mscale_all_dim": "mscale_all_dim"}
+"""HF-style `rope_scaling: {type: yarn, factor: ...}` keys -> ModelOverrides fields."""
+
+
+def _mla_rope(section: dict[str, Any], values: dict[str, Any]) -> None:
+    """MLA RoPE: MindFormers mcore YAMLs say `position_embedding_type: yarn` (with `multi_latent_attention:
+    True`, `rotary_scaling_factor`), HF-style ones `rope_scaling: {type: yarn, factor, ...}`."""
+    kind = section.get("position_embedding_type")
+    if kind == "yarn" or (kind == "rope" and section.get("multi_latent_attention") is True):
+        values["rope_type"] = kind
+    scaling = section.get("rope_scaling")
+    if isinstance(scaling, dict):
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind in ("yarn", "rope"):
+            values.setdefault("rope_type", kind)
+        for key, field in _ROPE_SCALING.items():
+            if scaling.get(key) is not None:
+                values.setdefault(field, scaling[key])
+
+
 def read_yaml(path: Path) -> tuple[ModelOverrides, LayoutConfig]:
     """The model values, facts and layouts a MindFormers YAML states (missing ones stay None)."""
     try:
@@ -107,6 +140,7 @@ def read_yaml(path: Path) -> tuple[ModelOverrides, LayoutConfig]:
         if value is not None:
             values[field] = value
     _extras(section, values)
+    _mla_rope(section, values)
     try:
         return ModelOverrides(**values), _layouts(section, doc)
     except ValueError as e:

@@ -130,7 +130,7 @@ class ExpectedTensors:
 
     def mismatch(self, entry: TensorEntry, tp_rank: int, got: torch.Tensor) -> str | None:
         logical = self.by_name[entry.source]
-        kind = split_of(logical.target)
+        kind = split_of(logical.target, self.cfg.transformer_impl)
         op = layout_op(logical, self.arch, self.cfg)
         if logical.inputs and logical.inputs[0].block is not None:
             return self._expert(logical, kind, tp_rank, got)

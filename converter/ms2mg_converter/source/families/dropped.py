@@ -25,6 +25,10 @@ DROPPED: tuple[str, ...] = (
 )
 """Optimizer state and training bookkeeping found in MindFormers checkpoints: never model weights."""
 
+MTP: tuple[str, ...] = ("mtp.*",)
+"""DeepSeek-V3 / TeleChat3 multi-token-prediction layers (`mtp.layers.{k}.*`, mindformers-moe-mla-distributed.md
+§2.3): a training-only head the converted GPT model does not build; dropped and listed (result, manifest)."""
+
 
 def is_dropped(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in DROPPED)
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in (*DROPPED, *MTP))

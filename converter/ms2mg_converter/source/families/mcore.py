@@ -11,6 +11,7 @@ from __future__ import annotations
 from ms2mg_converter.layout import Copy, GluFused, QkvFused
 from ms2mg_converter.names import EMBED, FC1, FC2, FINAL, OUTPUT, POS, PROJ, QKV, L
 from ms2mg_converter.source.families.base import Family, Recipe, same
+from ms2mg_converter.source.families.mla import MLA_RECIPES
 from ms2mg_converter.source.families.moe import MOE_RECIPES
 from ms2mg_converter.source.families.registry import register
 
@@ -38,6 +39,7 @@ MCORE = register(Family(
         *same(f"{QKV}.weight", f"{QKV}.bias", op=QkvFused),
         *same(f"{FC1}.weight", f"{FC1}.bias", op=GluFused),
         *MOE_RECIPES,
+        *MLA_RECIPES,
     ),
     facts={"rotary_percent": 1.0, "rotary_interleaved": False},
 ))
