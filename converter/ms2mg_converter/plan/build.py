@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from ms2mg_converter.checks import parallelism_problems
-from ms2mg_converter.config import ConvertConfig, ModelOverrides
+from ms2mg_converter.config import CkptFormat, ConvertConfig, ModelOverrides
 from ms2mg_converter.errors import MissingKeyError, ParallelismError
 from ms2mg_converter.layout import LayoutOp, Run, Split, VocabResize, concat, covered, select
 from ms2mg_converter.model.arch import Architecture, infer_architecture
 from ms2mg_converter.model.megatron_args import megatron_args
 from ms2mg_converter.names import fill
 from ms2mg_converter.pipeline import ChunkPlacement
+from ms2mg_converter.plan.dist import DIST_FILE
 from ms2mg_converter.plan.entries import (
     CHECKPOINT_FILE,
     ITERATION_DIR,
@@ -24,7 +26,7 @@ from ms2mg_converter.plan.entries import (
     Read,
     TensorEntry,
 )
-from ms2mg_converter.plan.target import Slot, chunk_slots, rank_chunks, rank_dir, split_of
+from ms2mg_converter.plan.target import Slot, chunk_slots, dist_slots, rank_chunks, rank_dir, split_of
 from ms2mg_converter.source.index import SourceIndex, open_source
 from ms2mg_converter.source.resolve import Logical, SourceView, resolve
 
@@ -68,10 +70,16 @@ def _group_label(slot: Slot) -> str:
 def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int,
            placement: ChunkPlacement) -> Chunk:
     """One state dict of rank file (t, p), grouped by layer (the unit of progress)."""
+    slots = chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state)
+    return _grouped(view, (arch, cfg, t), rank_dir(t, p, cfg.pipeline_parallel), placement, slots)
+
+
+def _grouped(view: SourceView, ctx: tuple[Architecture, ConvertConfig, int], where: str,
+             placement: ChunkPlacement, slots: Iterable[Slot]) -> Chunk:
     groups: list[Group] = []
     current: list[Entry] = []
     label = ""
-    for slot in chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state):
+    for slot in slots:
         here = _group_label(slot)
         if current and here != label:
             groups.append(Group(label, tuple(current)))
@@ -82,9 +90,9 @@ def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: 
             continue
         logical = view.get(slot.template, slot.layer)
         if logical is None:
-            raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which rank file "
-                                  f"{rank_dir(t, p, cfg.pipeline_parallel)} needs for {slot.key}.")
-        current.append(_entry(slot, logical, (arch, cfg, t)))
+            raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which "
+                                  f"{where} needs for {slot.key}.")
+        current.append(_entry(slot, logical, ctx))
     if current:
         groups.append(Group(label, tuple(current)))
     return Chunk(placement.key, placement.layers, tuple(groups))
@@ -95,6 +103,15 @@ def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int,
                    for c in rank_chunks(arch, cfg.pipeline_parallel, p, cfg.pipeline_layout))
     path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel)}/{CHECKPOINT_FILE}"
     return FilePlan(path, t, p, chunks)
+
+
+def _dist_file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig) -> FilePlan:
+    """torch_dist: one data file of global tensors (TP 1, every layer at its global number), whatever the
+    TP/PP the checkpoint is meant for (Megatron reshards it on load; `args` records the sizes)."""
+    whole = ChunkPlacement("model", range(arch.num_layers), pre_process=True, post_process=True)
+    global_cfg = cfg.model_copy(update={"tensor_parallel": 1})
+    chunk = _grouped(view, (arch, global_cfg, 0), "the torch_dist checkpoint", whole, dist_slots(arch))
+    return FilePlan(f"{ITERATION_DIR}/{DIST_FILE}", 0, 0, (chunk,))
 
 
 def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
@@ -117,6 +134,9 @@ def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
     view = resolve(index, cfg.ignore_keys)
     arch = infer_architecture(view, cfg)
     check_parallelism(arch, cfg)
-    files = tuple(_file_plan(view, arch, cfg, t, p)
-                  for p in range(cfg.pipeline_parallel) for t in range(cfg.tensor_parallel))
+    if cfg.ckpt_format is CkptFormat.TORCH_DIST:
+        files: tuple[FilePlan, ...] = (_dist_file_plan(view, arch, cfg),)
+    else:
+        files = tuple(_file_plan(view, arch, cfg, t, p)
+                      for p in range(cfg.pipeline_parallel) for t in range(cfg.tensor_parallel))
     return Plan(cfg, arch, megatron_args(arch, cfg), files, view.dropped, view.ignored, index)
