@@ -183,7 +183,8 @@ def compare_multiprocess(pairs: list[tuple[DistCheckpoint, Path]], args: argpars
     with tempfile.TemporaryDirectory(prefix="ms2mg-dist-") as tmp:
         out = f"{tmp}/problems"
         jobs = [(str(ck.iter_dir), str(root)) for ck, root in pairs]
-        ctx = mp.start_processes(_worker, args=(world, f"{tmp}/store", jobs, args, out), nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(world, f"{tmp}/store", jobs, args, out), nprocs=world,
+                                 join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=2):

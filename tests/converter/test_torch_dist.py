@@ -134,9 +134,9 @@ def test_layout_files_and_common(make_sample: Callable[..., Any], convert: Calla
     assert args.params_dtype == torch.float32
     meta = dcp.FileSystemReader(str(it)).read_metadata()
     qkv = meta.state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"]
-    assert list(qkv.size)[0] == spec.num_layers
-    assert [list(c.offsets)[0] for c in qkv.chunks] == list(range(spec.num_layers))
-    assert all(list(c.sizes)[0] == 1 for c in qkv.chunks)
+    assert qkv.size[0] == spec.num_layers
+    assert [c.offsets[0] for c in qkv.chunks] == list(range(spec.num_layers))
+    assert all(c.sizes[0] == 1 for c in qkv.chunks)
     manifest = json.loads((dst / "ms2mg-manifest.json").read_text())
     assert manifest["config"]["ckpt_format"] == "torch_dist"
     assert manifest["megatron_args"]["ckpt_format"] == "torch_dist"
