@@ -131,21 +131,23 @@ def _rank_problems(ckpt_dir: str, args: argparse.Namespace, torch_root: str) -> 
     tck = mc.open_checkpoint(Path(torch_root))
     torch_sd = tck.load_rank(t, p)
     config, kwargs = mc.model_setup(args, mc.params_dtype(args))
-    problems = []
+    models = {}
     for v, key in enumerate(tck.chunk_keys):
         groups = ProcessGroupCollection.use_mpu_process_groups()
         groups.embd = None
-        model = GPTModel(config, pg_collection=groups, **mc.chunk_roles(args, p, v), **kwargs)
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir,
-                                         validate_access_integrity=True)["model"]
+        models[key] = GPTModel(config, pg_collection=groups, **mc.chunk_roles(args, p, v), **kwargs)
+    # every chunk of the rank in one load, as Megatron-LM does (access integrity spans all of them)
+    loaded = dist_checkpointing.load({key: m.sharded_state_dict() for key, m in models.items()}, ckpt_dir,
+                                     validate_access_integrity=True)
+    problems = []
+    for v, (key, model) in enumerate(models.items()):
         where = f"rank ({t}, {p}, {v})"
-        mc._strict_load(model, loaded, where)
+        mc._strict_load(model, loaded[key], where)
         problems += compare_rank(model, torch_sd[key], where)
     return problems
 
 
-def _worker(rank: int, world: int, store: str, jobs: list[tuple[str, str]], args: argparse.Namespace,
-            out: str) -> None:
+def _worker(rank: int, world: int, store: str, jobs: list[tuple[str, str, argparse.Namespace]], out: str) -> None:
     import datetime
     import traceback
     import warnings
@@ -157,39 +159,47 @@ def _worker(rank: int, world: int, store: str, jobs: list[tuple[str, str]], args
     mc.install_cpu_patches()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=120))
+    args = jobs[0][2]
     ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                  virtual_pipeline_model_parallel_size=mc.virtual_size(args))
     problems = []
-    for ckpt_dir, torch_root in jobs:
+    for ckpt_dir, torch_root, job_args in jobs:
         try:
-            problems += [f"{ckpt_dir}: {p}" for p in _rank_problems(ckpt_dir, args, torch_root)]
+            problems += [f"{ckpt_dir}: {p}" for p in _rank_problems(ckpt_dir, job_args, torch_root)]
         except Exception:  # noqa: BLE001 - reported to the test
             problems.append(f"{ckpt_dir}: rank {rank}: {traceback.format_exc()}")
+        Path(f"{out}.{rank}").write_text("\n".join(problems))  # kept when another rank hangs
         torch.distributed.barrier()
-    Path(f"{out}.{rank}").write_text("\n".join(problems))
     torch.distributed.destroy_process_group()
 
 
-def compare_multiprocess(pairs: list[tuple[DistCheckpoint, Path]], args: argparse.Namespace,
+def compare_multiprocess(jobs: list[tuple[DistCheckpoint, Path, argparse.Namespace]],
                          timeout_s: float = 300.0) -> list[str]:
-    """Load each torch_dist checkpoint as `args`' layout in tp·pp gloo processes (started once) and compare
-    every rank with the torch-format conversion paired with it; the problems found (empty: all equal)."""
+    """Load each torch_dist checkpoint as its `args`' layout (one TP/PP/VP for all) in tp·pp gloo processes,
+    started once, and compare every rank with the torch-format conversion given with it; the problems found
+    (empty: all equal)."""
     import tempfile
     import time
 
     import torch.multiprocessing as mp
 
+    sizes = {(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, mc.virtual_size(a)) for *_, a in jobs}
+    assert len(sizes) == 1, f"one parallel layout per batch, got {sizes}"
+    args = jobs[0][2]
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     with tempfile.TemporaryDirectory(prefix="ms2mg-dist-") as tmp:
         out = f"{tmp}/problems"
-        jobs = [(str(ck.iter_dir), str(root)) for ck, root in pairs]
-        ctx = mp.start_processes(_worker, args=(world, f"{tmp}/store", jobs, args, out), nprocs=world,
+        work = [(str(ck.iter_dir), str(root), a) for ck, root, a in jobs]
+        ctx = mp.start_processes(_worker, args=(world, f"{tmp}/store", work, out), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=2):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"gloo workers did not finish within {timeout_s} s")
+        except Exception as e:
+            found = [Path(f"{out}.{r}").read_text() for r in range(world) if Path(f"{out}.{r}").is_file()]
+            raise AssertionError("a gloo worker failed; what the ranks reported:\n" + "\n".join(found)) from e
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():
