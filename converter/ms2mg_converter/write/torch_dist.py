@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from ms2mg_converter.config import CkptFormat
-from ms2mg_converter.plan import ITERATION_DIR, TRACKER, Plan, TensorEntry
+from ms2mg_converter.plan import DTYPE_BYTES, ITERATION_DIR, TRACKER, Plan, TensorEntry
 from ms2mg_converter.plan.dist import (
     COMMON,
     CONFIG,
@@ -119,21 +119,13 @@ class _Run:
         for rec, data in _HEAD:
             w.record(f"{ARCHIVE}/{rec}", data)
         w.begin(f"{ARCHIVE}/data/0", e.nbytes)
-        numel = max(1, e.nbytes // max(1, _itemsize(e)))
         for buf, n in produce(e, self.pool, self.check, self.plan.config.load_root):
             w.chunk(buf, n)
-            self.bytes += n * (e.nbytes // numel)
+            self.bytes += n * DTYPE_BYTES[e.dtype]
         w.end()
         w.record(f"{ARCHIVE}/version", b"3\n")
         w.record(f"{ARCHIVE}/.data/serialization_id", _serialization_id(f"{item.fqn}{item.offset}"))
         w.archive_end()
-
-
-def _itemsize(e: TensorEntry) -> int:
-    numel = 1
-    for d in e.shape:
-        numel *= d
-    return e.nbytes // numel if numel else 1
 
 
 def _metadata(plan: Plan, spans: list[tuple[DistChunk | DistBytes, tuple[int, int]]]) -> bytes:
