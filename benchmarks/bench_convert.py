@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ms2mg against the I/O floor (`cp` + `sync`) and a naive converter. Prints numbers.
 
-    .venv/bin/python benchmarks/bench_convert.py             # bench-1b and bench-2b, TP2/PP2 and TP1/PP1
+    .venv/bin/python benchmarks/bench_convert.py             # bench-1b and bench-2b, TP2/PP2, TP1/PP1, torch_dist
     .venv/bin/python benchmarks/bench_convert.py --quick     # a ~0.4 GB model, one run each
     .venv/bin/python benchmarks/bench_convert.py --json      # machine-readable results on stdout
 
@@ -186,6 +186,9 @@ def run_model(model: Model, work: Path, runs: int, py: str) -> dict[str, object]
         subprocess.run([*args, "--no-verify"], check=True, capture_output=True)
         res[f"verify_{key}"] = bench([py, "-m", "ms2mg_converter", "verify", "--load-dir", str(source),
                                       "--save-dir", str(out)], source, [], runs)
+    args = [*ms2mg, "--save-dir", str(out), "--ckpt-format", "torch_dist"]  # global tensors: one file, any TP/PP
+    res["ms2mg_torchdist_noverify"] = bench([*args, "--no-verify"], source, [out], runs)
+    res["ms2mg_torchdist"] = bench(args, source, [out], runs)
     shutil.rmtree(out, ignore_errors=True)
     source.unlink()
     return res
@@ -202,6 +205,10 @@ def ratios(results: dict[str, dict[str, object]]) -> dict[str, float]:
                 out[f"{name} {key}{suffix} / naive"] = w / naive
             out[f"{name} verify {key} / convert {key}"] = (res[f"verify_{key}"]["wall"]  # type: ignore[index]
                                                          / res[f"ms2mg_{key}_noverify"]["wall"])  # type: ignore[index]
+        for suffix in ("_noverify", ""):
+            w = res[f"ms2mg_torchdist{suffix}"]["wall"]  # type: ignore[index]
+            out[f"{name} torch_dist{suffix} / cp"] = w / cp
+            out[f"{name} torch_dist{suffix} / torch tp1pp1{suffix}"] = w / res[f"ms2mg_tp1pp1{suffix}"]["wall"]  # type: ignore[index]
     if "bench-1b" in results and "bench-2b" in results:
         for key in ("tp2pp2", "tp1pp1"):
             a = results["bench-1b"][f"ms2mg_{key}"]["rss_mib"]  # type: ignore[index]

@@ -61,6 +61,9 @@ class CkptFormat(StrEnum):
 
     TORCH = "torch"
     """The legacy per-rank format: iter_*/mp_rank_*/model_optim_rng.pt, one torch.save file per rank."""
+    TORCH_DIST = "torch_dist"
+    """Megatron's distributed format (torch.distributed.checkpoint): iter_*/__0_0.distcp with every tensor
+    stored once, whole (TP 1, layers stacked); Megatron reshards it to any TP/PP when it loads it."""
 
 
 class SourceDigest(StrEnum):

@@ -251,3 +251,18 @@ def test_suffix_prefers_the_whole_epoch_step(dist_src):
     index = open_source(dist_src, suffix="1_1")
     assert all(f.path.name.endswith("-1_1.safetensors") for f in index.files)
     assert all(f.path.name.endswith("-11_1.safetensors") for f in open_source(dist_src).files)  # the last step
+
+
+@pytest.mark.parametrize("case", ["tp2-opt-shard-packed", "tp2-pp2-tied"])
+def test_distributed_source_to_torch_dist_equals_merged(make_sample, convert, tmp_path, case):
+    """--ckpt-format torch_dist from a distributed source: verified on write, and its data file holds the same
+    bytes as the one converted from the merged checkpoint."""
+    lay, kw = CASES[case]
+    src, spec, _ = make_sample(**kw)
+    ckpt = tmp_path / "output" / "checkpoint"
+    distribute(src, ckpt, lay, spec.num_layers, spec.tied)
+    flags = [*sample_flags(spec), "--tp", "2", "--ckpt-format", "torch_dist"]
+    assert convert(src, tmp_path / "merged", *flags) == 0
+    assert convert(ckpt, tmp_path / "dist", *flags) == 0
+    data = "iter_0000001/__0_0.distcp"
+    assert (tmp_path / "dist" / data).read_bytes() == (tmp_path / "merged" / data).read_bytes()

@@ -128,3 +128,15 @@ def test_verify_rebuilds_mla_tensors_from_the_fused_source(sources: dict, tmp_pa
     done = verify("--load-dir", str(src), "--save-dir", str(save))
     assert done.returncode == 5
     assert "MISMATCH" in done.stdout and "decoder.layers.1.self_attention.linear_kv_down_proj.weight" in done.stdout
+
+
+def test_torch_dist_output_refused_for_mla(sources: dict) -> None:
+    from ms2mg_converter.config import CkptFormat, ConvertConfig, Fc1Layout, LayoutConfig, ModelOverrides
+    from ms2mg_converter.errors import UsageError
+    from ms2mg_converter.plan import build_plan
+
+    cfg = ConvertConfig(load_dir=sources["concat"][0], ckpt_format=CkptFormat.TORCH_DIST,
+                        model=ModelOverrides(num_attention_heads=NH, rope_type="rope"),
+                        layouts=LayoutConfig(fc1=Fc1Layout.GATE_UP))
+    with pytest.raises(UsageError, match=r"torch_dist does not support multi-latent attention"):
+        build_plan(cfg)

@@ -205,3 +205,12 @@ def test_yaml_expert_bias_without_the_tensor_refused(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace(f"{flag}: false", f"{flag}: true"))
     with pytest.raises(ShapeError, match=r"moe_router_enable_expert_bias True but the tensors say False"):
         _plan(src, cfg)
+
+
+def test_torch_dist_output_refused_for_moe(tmp_path: Path) -> None:
+    """torch_dist's sharded keys are written for dense models only: a MoE model is refused, not guessed."""
+    from ms2mg_converter.config import CkptFormat
+
+    src, cfg = _source(tmp_path, MoeDims())
+    with pytest.raises(UsageError, match=r"torch_dist does not support MoE layers"):
+        build_plan(ConvertConfig(load_dir=src, config_yaml=cfg, ckpt_format=CkptFormat.TORCH_DIST))

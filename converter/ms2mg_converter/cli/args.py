@@ -171,7 +171,8 @@ def _add_vocab_and_output(p: argparse.ArgumentParser) -> None:
                         "as already converted (default crc32; sha256 is cryptographic and slower)")
     g.add_argument("--ckpt-format", choices=[f.value for f in CkptFormat], default=CkptFormat.TORCH.value,
                    help="Megatron-LM checkpoint format of the output (default torch: per-rank "
-                        "iter_*/mp_rank_*/model_optim_rng.pt)")
+                        "iter_*/mp_rank_*/model_optim_rng.pt; torch_dist: iter_*/__0_0.distcp + .metadata, "
+                        "global tensors that Megatron reshards to any TP/PP on load)")
     g.add_argument("--saver-transformer-impl", choices=[t.value for t in TransformerImpl],
                    default=TransformerImpl.LOCAL.value, help="key names of the output: local or transformer_engine")
     g.add_argument("--final-norm-extra-state", action=argparse.BooleanOptionalAction, default=True,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ms2mg_converter.config import ConvertConfig, DType
+from ms2mg_converter.config import CkptFormat, ConvertConfig, DType
 from ms2mg_converter.model.arch import Architecture
 from ms2mg_converter.model.mla import mla_args
 from ms2mg_converter.model.moe import moe_args
@@ -77,12 +77,20 @@ def megatron_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:
         "bf16": cfg.dtype is DType.BF16,
         "params_dtype": TorchGlobal("torch", TORCH_DTYPES[cfg.dtype]),
         "transformer_impl": str(cfg.transformer_impl),
-        "ckpt_format": "torch",
+        "ckpt_format": str(cfg.ckpt_format),
         "use_legacy_models": False,
         "iteration": 1,
         "consumed_train_samples": 0,
         "consumed_valid_samples": 0,
+        **_dist_args(cfg),
     }
+
+
+def _dist_args(cfg: ConvertConfig) -> dict[str, object]:
+    """torch_dist: tell Megatron that no optimizer or RNG state was saved (torch-dist-format.md §5, §8.4)."""
+    if cfg.ckpt_format is not CkptFormat.TORCH_DIST:
+        return {}
+    return {"no_save_optim": True, "no_save_rng": True}
 
 
 def _pipeline_args(arch: Architecture, cfg: ConvertConfig) -> dict[str, object]:

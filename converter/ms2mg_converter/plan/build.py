@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from ms2mg_converter.checks import parallelism_problems
-from ms2mg_converter.config import ConvertConfig, ModelOverrides, TransformerImpl
-from ms2mg_converter.errors import MissingKeyError, ParallelismError
+from ms2mg_converter.config import CkptFormat, ConvertConfig, ModelOverrides, TransformerImpl
+from ms2mg_converter.errors import MissingKeyError, ParallelismError, UsageError
 from ms2mg_converter.layout import LayoutOp, Run, Split, VocabResize, concat, covered, select
 from ms2mg_converter.model.arch import Architecture, infer_architecture
 from ms2mg_converter.model.megatron_args import megatron_args
 from ms2mg_converter.model.mla import mla_parallel_problems
 from ms2mg_converter.names import fill
 from ms2mg_converter.pipeline import ChunkPlacement
+from ms2mg_converter.plan.dist import DIST_FILE
 from ms2mg_converter.plan.entries import (
     CHECKPOINT_FILE,
     ITERATION_DIR,
@@ -26,7 +28,7 @@ from ms2mg_converter.plan.entries import (
     TensorEntry,
 )
 from ms2mg_converter.plan.moe import ExpertRank, expert_problems
-from ms2mg_converter.plan.target import Slot, chunk_slots, rank_chunks, rank_dir, split_of
+from ms2mg_converter.plan.target import Slot, chunk_slots, dist_slots, rank_chunks, rank_dir, split_of
 from ms2mg_converter.source.index import SourceIndex, TensorInfo, open_source
 from ms2mg_converter.source.resolve import Logical, SourceView, resolve
 
@@ -75,10 +77,17 @@ def _group_label(slot: Slot) -> str:
 def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: int,
            placement: ChunkPlacement, ep: ExpertRank) -> Chunk:
     """One state dict of rank file (t, p), grouped by layer (the unit of progress)."""
+    slots = chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state, ep)
+    where = f"rank file {rank_dir(t, p, cfg.pipeline_parallel, ep.rank, ep.size)}"
+    return _grouped(view, (arch, cfg, t), where, placement, slots)
+
+
+def _grouped(view: SourceView, ctx: tuple[Architecture, ConvertConfig, int], where: str,
+             placement: ChunkPlacement, slots: Iterable[Slot]) -> Chunk:
     groups: list[Group] = []
     current: list[Entry] = []
     label = ""
-    for slot in chunk_slots(arch, cfg.transformer_impl, placement, cfg.final_norm_extra_state, ep):
+    for slot in slots:
         here = _group_label(slot)
         if current and here != label:
             groups.append(Group(label, tuple(current)))
@@ -89,10 +98,9 @@ def _chunk(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int, p: 
             continue
         logical = view.get(slot.template, slot.layer)
         if logical is None:
-            raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which rank file "
-                                  f"{rank_dir(t, p, cfg.pipeline_parallel, ep.rank, ep.size)} needs for "
-                                  f"{slot.key}.")
-        current.append(_entry(slot, logical, (arch, cfg, t)))
+            raise MissingKeyError(f"the source has no {fill(slot.template, slot.layer)}, which "
+                                  f"{where} needs for {slot.key}.")
+        current.append(_entry(slot, logical, ctx))
     if current:
         groups.append(Group(label, tuple(current)))
     return Chunk(placement.key, placement.layers, tuple(groups))
@@ -104,6 +112,26 @@ def _file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig, t: int,
                    for c in rank_chunks(arch, cfg.pipeline_parallel, p, cfg.pipeline_layout))
     path = f"{ITERATION_DIR}/{rank_dir(t, p, cfg.pipeline_parallel, e, ep.size)}/{CHECKPOINT_FILE}"
     return FilePlan(path, t, p, chunks, e)
+
+
+def _dist_file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig) -> FilePlan:
+    """torch_dist: one data file of global tensors (TP 1, every layer at its global number), whatever the
+    TP/PP the checkpoint is meant for (Megatron reshards it on load; `args` records the sizes)."""
+    whole = ChunkPlacement("model", range(arch.num_layers), pre_process=True, post_process=True)
+    global_cfg = cfg.model_copy(update={"tensor_parallel": 1})
+    chunk = _grouped(view, (arch, global_cfg, 0), "the torch_dist checkpoint", whole, dist_slots(arch))
+    return FilePlan(f"{ITERATION_DIR}/{DIST_FILE}", 0, 0, (chunk,))
+
+
+def _check_dist_supported(arch: Architecture) -> None:
+    """torch_dist's sharded keys are written for dense GQA models; MoE experts (sharded by expert) and MLA have
+    their own sharded-key layouts, which ms2mg does not write yet: refuse rather than guess."""
+    what = [w for w, present in (("MoE layers", arch.moe is not None), ("multi-latent attention",
+                                                                         arch.mla is not None)) if present]
+    if what:
+        raise UsageError(f"--ckpt-format torch_dist does not support {' and '.join(what)} yet; convert this model "
+                         "with --ckpt-format torch (Megatron-LM can re-save it as torch_dist: "
+                         "--ckpt-convert-format torch_dist --ckpt-convert-save DIR).")
 
 
 def check_parallelism(arch: Architecture, cfg: ConvertConfig) -> None:
@@ -131,6 +159,10 @@ def build_plan(cfg: ConvertConfig, source: SourceIndex | None = None) -> Plan:
     view = resolve(index, cfg.ignore_keys)
     arch = infer_architecture(view, cfg)
     check_parallelism(arch, cfg)
-    files = tuple(_file_plan(view, arch, cfg, t, p, e) for p in range(cfg.pipeline_parallel)
-                  for e in range(cfg.moe.expert_parallel) for t in range(cfg.tensor_parallel))
+    if cfg.ckpt_format is CkptFormat.TORCH_DIST:
+        _check_dist_supported(arch)
+        files: tuple[FilePlan, ...] = (_dist_file_plan(view, arch, cfg),)
+    else:
+        files = tuple(_file_plan(view, arch, cfg, t, p, e) for p in range(cfg.pipeline_parallel)
+                      for e in range(cfg.moe.expert_parallel) for t in range(cfg.tensor_parallel))
     return Plan(cfg, arch, megatron_args(arch, cfg), files, view.dropped, view.ignored, index)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ms2mg_converter.config import ConvertConfig, DType
+from ms2mg_converter.config import CkptFormat, ConvertConfig, DType
 from ms2mg_converter.layout import Run
 from ms2mg_converter.model.arch import Architecture
 from ms2mg_converter.source.index import Piece, SourceIndex
@@ -130,6 +130,11 @@ class Plan:
     dropped: tuple[str, ...]
     ignored: tuple[str, ...]
     source: SourceIndex = field(repr=False)
+
+    @property
+    def shard_tp(self) -> int:
+        """The tensor-parallel size the entries are split for: 1 for torch_dist (global tensors)."""
+        return 1 if self.config.ckpt_format is CkptFormat.TORCH_DIST else self.config.tensor_parallel
 
     @property
     def total_groups(self) -> int:

@@ -194,6 +194,25 @@ def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement
     yield Slot(f"output_layer.{EXTRA}")
 
 
+def dist_slots(arch: Architecture) -> Iterator[Slot]:
+    """The entries of a `torch_dist` checkpoint, each at its global layer (`decoder.layers.<l>.`): the TE
+    names (Megatron's sharded keys are the same for the local and the TE spec) and the superset of
+    `_extra_state` entries any loader asks for (torch-dist-format.md §6.2, §6.4); no `output_layer._extra_state`
+    (GPTModel drops it) and no tied output copy."""
+    yield Slot("embedding.word_embeddings.weight", "embedding.word_embeddings.weight")
+    if arch.position_embedding_type == "learned_absolute":
+        yield Slot("embedding.position_embeddings.weight", "embedding.position_embeddings.weight")
+    for layer in range(arch.num_layers):
+        yield from _layer_slots(arch, TransformerImpl.TRANSFORMER_ENGINE, layer, layer, NO_EXPERTS)
+        if arch.qk_layernorm:
+            for which in ("q_layernorm", "k_layernorm"):
+                yield Slot(f"decoder.layers.{layer}.self_attention.{which}.{EXTRA}", None, layer)
+    yield from _norm(arch, "decoder.final_layernorm", "decoder.final_layernorm", None)
+    yield Slot(f"decoder.final_layernorm.{EXTRA}")
+    if arch.untie_embeddings_and_output_weights:
+        yield Slot("output_layer.weight", "output_layer.weight")
+
+
 def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     """Megatron's `get_checkpoint_name` directory for a rank (`_EEE` only with expert parallelism)."""
     name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ms2mg_converter.config import CkptFormat
 from ms2mg_converter.model.megatron_args import TorchGlobal
 from ms2mg_converter.plan import TRACKER, Chunk, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.verify.ckptfile import RankFile, StoredTensor, TorchName, peek
@@ -94,6 +95,11 @@ def _torch_loads(path: Path) -> str | None:
 
 
 def verify_files(plan: Plan, root: Path, report: VerifyReport, digests: FileDigests | None) -> None:
+    if plan.config.ckpt_format is CkptFormat.TORCH_DIST:
+        from ms2mg_converter.verify.distckpt import verify_dist_files
+
+        verify_dist_files(plan, root, report, digests)
+        return
     expected = ExpectedTensors(plan)
     tracker = root / TRACKER
     if not tracker.is_file() or tracker.read_text().strip() != "1":

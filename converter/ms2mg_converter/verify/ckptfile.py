@@ -9,6 +9,7 @@ Each tensor becomes a `StoredTensor` that knows its zip record; `tensor()` maps 
 from __future__ import annotations
 
 import argparse
+import io
 import mmap
 import pickle
 import struct
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -103,26 +104,67 @@ class RankFile:
                 view.release()
 
 
-def _data_offsets(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
+def _data_offsets(f: BinaryIO, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
     out = {}
-    with path.open("rb") as f:
-        for info in zf.infolist():
-            f.seek(info.header_offset)
-            head = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            out[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    for info in zf.infolist():
+        f.seek(info.header_offset)
+        head = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        out[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
     return out
+
+
+class _Window(io.RawIOBase):
+    """Bytes [base, base + length) of a file, as a seekable file of its own (a zip archive inside a file)."""
+
+    def __init__(self, f: BinaryIO, base: int, length: int) -> None:
+        self._f, self._base, self._len, self._pos = f, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, [pos, self._pos + pos, self._len + pos][whence])
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self._len - self._pos))
+        self._f.seek(self._base + self._pos)
+        data = self._f.read(n)
+        memoryview(b)[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _open(path: Path, base: int, length: int | None) -> tuple[str, Any, dict[str, tuple[int, int]]]:
+    with path.open("rb") as raw:
+        f: BinaryIO = raw if length is None else io.BufferedReader(_Window(raw, base, length))
+        with zipfile.ZipFile(f) as zf:
+            names = zf.namelist()
+            pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise ValueError(f"{path}: no data.pkl record at byte {base}: not a torch.save zip file")
+            content = _RestrictedUnpickler(zf.open(pkl)).load()
+            offsets = {k: (base + a, n) for k, (a, n) in _data_offsets(f, zf).items()}
+    return pkl.rsplit("/", 1)[0], content, offsets
 
 
 def peek(path: Path) -> RankFile:
     """Open a rank file: its top-level dict (tensors as `StoredTensor`) and where each record's data is."""
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        pkl = next((n for n in names if n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise ValueError(f"{path}: no data.pkl record: not a torch.save zip file")
-        content = _RestrictedUnpickler(zf.open(pkl)).load()
-        offsets = _data_offsets(path, zf)
+    prefix, content, offsets = _open(path, 0, None)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: the pickled object is a {type(content).__name__}, not a dict")
-    return RankFile(path, pkl.rsplit("/", 1)[0], content, offsets)
+    return RankFile(path, prefix, content, offsets)
+
+
+def peek_segment(path: Path, base: int, length: int) -> RankFile:
+    """Open a `torch.save` archive stored at [base, base + length) of `path` (a DCP `.distcp` item); its
+    pickled object is `content[""]`."""
+    prefix, content, offsets = _open(path, base, length)
+    return RankFile(path, prefix, {"": content}, offsets)

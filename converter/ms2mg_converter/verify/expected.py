@@ -113,6 +113,7 @@ class ExpectedTensors:
         self.plan = plan
         self.arch = plan.arch
         self.cfg = plan.config
+        self.tp = plan.shard_tp
         for f in plan.source.files:  # safe_open below follows links: the files must stay inside --load-root
             check_source_path(f.path, plan.config.load_root)
         view = resolve(plan.source, plan.config.ignore_keys)
@@ -137,7 +138,7 @@ class ExpectedTensors:
         if not op.rebuild_whole and not (kind is Split.GLU and self.arch.swiglu):  # GLU: two row ranges
             return self._blockwise(logical, op, kind, tp_rank, got)
         full = self._fused(logical, op, TORCH_DTYPES[entry.dtype])
-        tp = self.cfg.tensor_parallel
+        tp = self.tp
         if kind is Split.GLU and self.arch.swiglu:
             gate, up = glu_parts(full, tp, tp_rank)
             return self._same(got[: gate.shape[0]], gate) or self._same(got[gate.shape[0]:], up)
@@ -190,8 +191,8 @@ class ExpectedTensors:
         info = logical.inputs[0]
         cols = info.shape[1] if len(info.shape) > 1 else 1
         rows = op.padded_rows if isinstance(op, VocabResize) else info.shape[0]
-        ((lo, hi),) = kind.row_ranges(rows, self.cfg.tensor_parallel, r, self.arch.swiglu)
-        c = kind.col_range(cols, self.cfg.tensor_parallel, r)
+        ((lo, hi),) = kind.row_ranges(rows, self.tp, r, self.arch.swiglu)
+        c = kind.col_range(cols, self.tp, r)
         col = slice(None) if c is None else slice(*c)
         if got.shape[0] != hi - lo:
             return f"{got.shape[0]} rows, expected {hi - lo}"

@@ -101,6 +101,10 @@ class _Writer(_Stage):
         self.path: Path | None = None
         self.files: list[DirectFile | BufferedFile] = []
         """Every file opened: `finish()` syncs them (or a failure closes them)."""
+        self.base = 0
+        """Segmented files: where the current segment starts."""
+        self.segments: dict[Path, list[tuple[int, int]]] = {}
+        """Segmented files (`open_segmented`): (offset, length) of every segment, in file order."""
 
     def handle(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -117,6 +121,9 @@ class _Writer(_Stage):
             self.file = open_output(msg[1])
             self.files.append(self.file)
             self.zip = ZipStreamWriter(self.file, digest=lambda data: self.hasher.put("data", data))
+            return
+        if kind in ("segmented", "archive", "raw", "archive_end") or self.path in self.segments:
+            self._segment(msg)
             return
         z = self.zip
         assert z is not None
@@ -136,6 +143,55 @@ class _Writer(_Stage):
             self.file.close()
             self.hasher.put("done", self.path, z.position)
             self.file = self.zip = None
+
+    def _segment(self, msg: tuple[Any, ...]) -> None:
+        """A file made of segments: zip archives (one `torch.save` each) and raw byte strings, back to back."""
+        kind = msg[0]
+        if kind == "segmented":
+            self.path, self.base, self.zip = msg[1], 0, None
+            self.file = open_output(msg[1])
+            self.files.append(self.file)
+            self.segments[msg[1]] = []
+            return
+        assert self.file is not None
+        assert self.path is not None
+        if kind == "archive":
+            self.zip = ZipStreamWriter(self.file, digest=lambda data: self.hasher.put("data", data))
+        elif kind == "raw":
+            self.file.write(msg[1])
+            self.hasher.put("data", msg[1])
+            self._end_segment(len(msg[1]))
+        elif kind == "archive_end":
+            assert self.zip is not None
+            self.zip.close()
+            self._end_segment(self.zip.position)
+            self.zip = None
+        elif kind == "close":
+            self.file.close()
+            self.hasher.put("done", self.path, self.base)
+            self.file = None
+        else:
+            self._handle_record(msg)
+
+    def _end_segment(self, length: int) -> None:
+        assert self.path is not None
+        self.segments[self.path].append((self.base, length))
+        self.base += length
+
+    def _handle_record(self, msg: tuple[Any, ...]) -> None:
+        z = self.zip
+        assert z is not None
+        kind = msg[0]
+        if kind == "add":
+            z.add(msg[1], msg[2])
+        elif kind == "begin":
+            z.begin(msg[1], msg[2])
+        elif kind == "chunk":
+            buf, elems = msg[1], msg[2]
+            z.write(memoryview(buf[:elems].view(np.uint8)))
+            self.hasher.put("release", buf)
+        elif kind == "end":
+            z.end()
 
     def cleanup(self) -> None:
         if self.abort.is_set():
@@ -180,6 +236,23 @@ class FileWriterThread:
 
     def close_file(self) -> None:
         self._send("close")
+
+    def open_segmented(self, path: Path) -> None:
+        """Open a file of segments: `archive()` ... `archive_end()` (a zip written with `record`/`begin`/
+        `chunk`/`end`) or `raw()`; `segments(path)` gives their (offset, length) after `finish()`."""
+        self._send("segmented", path)
+
+    def archive(self) -> None:
+        self._send("archive")
+
+    def archive_end(self) -> None:
+        self._send("archive_end")
+
+    def raw(self, data: bytes) -> None:
+        self._send("raw", data)
+
+    def segments(self, path: Path) -> list[tuple[int, int]]:
+        return self._writer.segments[path]
 
     def finish(self) -> list[WrittenFile]:
         """Wait until everything is written, hashed and fsync'ed; re-raise any thread's error."""
