@@ -108,6 +108,24 @@ def _parallel_args(spec: CheckpointConversionSpec) -> list[str]:
             "--target-pipeline-parallel-size", str(spec.parallelism.pipeline)]
     for name, value in spec.parallelism.to_layout().model_dump(exclude_none=True).items():
         args += [f"--{name.replace('_', '-')}", str(value)]
+    if spec.parallelism.expert != 1:
+        args += ["--target-expert-parallel-size", str(spec.parallelism.expert)]
+    if spec.parallelism.expert_tensor is not None:
+        args += ["--target-expert-tensor-parallel-size", str(spec.parallelism.expert_tensor)]
+    return args
+
+
+def _moe_args(spec: CheckpointConversionSpec) -> list[str]:
+    """MoeSpec fields are named as their `--moe-*` flags."""
+    if spec.moe is None:
+        return []
+    args: list[str] = []
+    for name, value in spec.moe.model_dump(exclude_none=True).items():
+        flag = "moe-" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [f"--{flag}"] if value else ([] if name == "grouped_gemm" else [f"--no-{flag}"])
+        else:
+            args += [f"--{flag}", str(value)]
     return args
 
 
@@ -125,6 +143,10 @@ def _source_args(spec: CheckpointConversionSpec) -> list[str]:
         args += ["--fc1-layout", layouts.fc1.value]
     if layouts is not None and layouts.source_tensor_parallel is not None:
         args += ["--source-tensor-parallel-size", str(layouts.source_tensor_parallel)]
+    if spec.source.strategy is not None:
+        args += ["--src-strategy", mounted_path(SOURCE_MOUNT, spec.source.strategy)]
+    if spec.source.ckpt_suffix is not None:
+        args += ["--src-ckpt-suffix", spec.source.ckpt_suffix]
     return args
 
 
@@ -138,12 +160,14 @@ def convert_args(spec: CheckpointConversionSpec) -> list[str]:
         "--save-root", DESTINATION_MOUNT,
         *_parallel_args(spec),
         *_model_args(spec),
+        *_moe_args(spec),
         *_source_args(spec),
     ]
     if spec.vocab.true_size is not None:
         args += ["--true-vocab-size", str(spec.vocab.true_size)]
     args += ["--make-vocab-size-divisible-by", str(spec.vocab.make_divisible_by),
              "--vocab-pad-fill", spec.vocab.pad_fill.value]
+    args += ["--ckpt-format", spec.output.format.value]
     args += ["--dtype", spec.dtype.value, "--saver-transformer-impl", spec.transformer_impl.value,
              "--source-digest", spec.source_digest.value]
     if not spec.final_norm_extra_state:

@@ -56,6 +56,18 @@ ACCEPTED = [
                            parallelism={"tensor": 2, "pipeline": 4, "decoderFirstPipelineNumLayers": 6,
                                         "decoderLastPipelineNumLayers": 6}), id="config-path-uneven-pp"),
     pytest.param(spec_with(parallelism={"pipeline": 2, "numLayersPerVirtualPipelineStage": 2}), id="vpp"),
+    pytest.param(spec_with(output={"format": "torch_dist"},
+                           source={"pvc": "mindformers", "path": "output/checkpoint", "strategy": "output/strategy",
+                                   "ckptSuffix": "2_100"}), id="torch-dist-distributed-source"),
+    pytest.param(spec_with(parallelism={"tensor": 2, "expert": 4, "expertTensor": 2},
+                           moe={"groupedGemm": True, "routerTopk": 8, "routerScoreFunction": "sigmoid",
+                                "routerTopkScalingFactor": 2.5, "routerNumGroups": 8, "routerGroupTopk": 4,
+                                "routerPreSoftmax": False},
+                           model={"numAttentionHeads": 128, "qLoraRank": 1536, "kvLoraRank": 512,
+                                  "qkHeadDim": 128, "qkPosEmbHeadDim": 64, "vHeadDim": 128, "ropeType": "yarn",
+                                  "rotaryScalingFactor": 40.0, "originalMaxPositionEmbeddings": 4096,
+                                  "betaFast": 32.0, "betaSlow": 1.0, "mscale": 1.0, "mscaleAllDim": 1.0}),
+                 id="moe-mla"),
 ]
 
 REJECTED = [
@@ -97,6 +109,13 @@ REJECTED = [
     pytest.param(spec_with(model={"rotaryBase": 0}), "greater than 0", id="rotary-base-zero"),
     pytest.param(spec_with(model={"rotaryPercent": 1.5}), "less than or equal to 1", id="rotary-percent-above-1"),
     pytest.param(spec_with(layouts={"sourceTensorParallel": 0}), "greater than or equal to 1", id="source-tp-zero"),
+    pytest.param(spec_with(output={"format": "zarr"}), "Input should be", id="unknown-format"),
+    pytest.param(spec_with(parallelism={"expert": 0}), "greater than or equal to 1", id="ep-zero"),
+    pytest.param(spec_with(moe={"routerScoreFunction": "relu"}), "Input should be", id="moe-score-function"),
+    pytest.param(spec_with(moe={"routerTopk": 0}), "greater than or equal to 1", id="moe-topk-zero"),
+    pytest.param(spec_with(model={"ropeType": "ntk"}), "Input should be", id="rope-type"),
+    pytest.param(spec_with(**{"source.strategy": "../strategy"}), "'..'", id="strategy-escapes"),
+    pytest.param(spec_with(**{"source.ckptSuffix": "2_100/../x"}), "String should match", id="suffix-path"),
     pytest.param(spec_with(sourceDigest="md5"), "crc32", id="bad-digest"),
 ]
 

@@ -75,7 +75,8 @@ def test_defaults_only_in_spec_and_only_deliberate() -> None:
         ".spec.parallelism", ".spec.parallelism.tensor", ".spec.parallelism.pipeline",
         ".spec.vocab", ".spec.vocab.makeDivisibleBy", ".spec.vocab.padFill",
         ".spec.dtype", ".spec.transformerImpl", ".spec.verify", ".spec.overwrite", ".spec.finalNormExtraState",
-        ".spec.allowNonfinite", ".spec.sourceDigest",
+        ".spec.allowNonfinite", ".spec.sourceDigest", ".spec.parallelism.expert", ".spec.output",
+        ".spec.output.format", ".spec.moe.groupedGemm",
     }
 
 

@@ -44,7 +44,19 @@ FACTS = spec_with(
     layouts={"qkv": "contiguous", "fc1": "gate-up", "sourceTensorParallel": 4}, sourceDigest="sha256",
     parallelism={"tensor": 2, "pipeline": 4, "decoderFirstPipelineNumLayers": 6, "decoderLastPipelineNumLayers": 6},
 )
+WAVE2 = spec_with(
+    source={"pvc": "mindformers", "path": "deepseek/checkpoint", "strategy": "deepseek/strategy",
+            "ckptSuffix": "1_500"},
+    output={"format": "torch"}, parallelism={"tensor": 2, "pipeline": 2, "expert": 4, "expertTensor": 2},
+    moe={"groupedGemm": True, "routerTopk": 8, "routerScoreFunction": "sigmoid", "routerTopkScalingFactor": 2.5,
+         "routerNumGroups": 8, "routerGroupTopk": 4, "routerPreSoftmax": False},
+    model={"numAttentionHeads": 128, "qLoraRank": 1536, "kvLoraRank": 512, "ropeType": "yarn",
+           "rotaryScalingFactor": 40.0, "mscaleAllDim": 1.0},
+)
+DIST = spec_with(output={"format": "torch_dist"}, parallelism={"tensor": 2, "pipeline": 2})
 CASES = {
+    "wave2": make_body(WAVE2),
+    "torch-dist": make_body(DIST),
     "minimal": make_body(),
     "facts": make_body(FACTS),
     "full": make_body(FULL, generation=3),
@@ -99,6 +111,14 @@ def test_args_parse_with_the_converter(case: str, settings: OperatorSettings) ->
     assert config.pipeline_layout == spec.parallelism.to_layout()
     if spec.layouts is not None:
         assert config.layouts.source_tensor_parallel == spec.layouts.source_tensor_parallel
+    assert config.ckpt_format == spec.output.format
+    assert config.moe.expert_parallel == spec.parallelism.expert
+    assert config.moe.expert_tensor_parallel == spec.parallelism.expert_tensor
+    moe = spec.moe.model_dump() if spec.moe is not None else {"grouped_gemm": False}
+    assert {k: getattr(config.moe, k) for k in moe} == moe
+    assert config.src_strategy == (None if spec.source.strategy is None
+                                   else Path(f"/mnt/source/{spec.source.strategy}"))
+    assert config.src_ckpt_suffix == spec.source.ckpt_suffix
 
 
 def test_config_map_is_mounted_read_only_and_named_by_config(settings: OperatorSettings) -> None:

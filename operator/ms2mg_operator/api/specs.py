@@ -5,9 +5,12 @@ the converter's own (`ms2mg_converter.config`), so the resource and the flags ca
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ConfigDict, Field, model_validator
 
 from ms2mg_converter.config import (
+    CkptFormat,
     Fc1Layout,
     ModelOverrides,
     Normalization,
@@ -36,9 +39,18 @@ class ParallelismSpec(Spec):
         default=None, description="--num-virtual-stages-per-pipeline-rank: virtual chunks per pipeline rank (the "
                                   "way to combine them with uneven first/last stages).")
 
+    expert: int = Field(default=1, ge=1, le=4096,
+                        description="--target-expert-parallel-size: expert-parallel size (EP) of a MoE output; rank "
+                                    "files mp_rank_TT[_PPP]_EEE each hold num_experts/EP experts.")
+    expert_tensor: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="--target-expert-tensor-parallel-size: expert tensor-parallel size. Default: tensor (the only "
+                    "value the torch format expresses).")
+
     def to_layout(self) -> PipelineLayout:
         """The same values as the converter's `PipelineLayout` (for the torch-free pre-flight check)."""
-        return PipelineLayout(**self.model_dump(exclude={"tensor", "pipeline"}, exclude_none=True))
+        return PipelineLayout(**self.model_dump(exclude={"tensor", "pipeline", "expert", "expert_tensor"},
+                                                exclude_none=True))
 
 
 class ModelSpec(Spec):
@@ -74,6 +86,26 @@ class ModelSpec(Spec):
     rotary_interleaved: bool | None = Field(
         default=None, description="--rotary-interleaved: RoPE on adjacent pairs (GLM) instead of halves.")
     norm_epsilon: float | None = Field(default=None, gt=0, description="--norm-epsilon: epsilon of the norms.")
+    q_lora_rank: Count | None = Field(default=None,
+                                      description="--q-lora-rank: MLA query compression rank (checked against "
+                                                  "the tensors).")
+    kv_lora_rank: Count | None = Field(default=None, description="--kv-lora-rank: MLA key/value compression rank.")
+    qk_head_dim: Count | None = Field(default=None, description="--qk-head-dim: MLA q/k head dim without RoPE.")
+    qk_pos_emb_head_dim: Count | None = Field(
+        default=None, description="--qk-pos-emb-head-dim: MLA RoPE head dim (needed for a fused linear_qkv "
+                                  "without query compression).")
+    v_head_dim: Count | None = Field(default=None, description="--v-head-dim: MLA value head dim.")
+    rope_type: Literal["rope", "yarn"] | None = Field(
+        default=None, description="--rope-type: RoPE variant of an MLA model (required for MLA unless the YAML "
+                                  "states it).")
+    rotary_scaling_factor: float | None = Field(default=None, gt=0,
+                                                description="--rotary-scaling-factor: YaRN scaling factor.")
+    original_max_position_embeddings: Count | None = Field(
+        default=None, description="--original-max-position-embeddings: YaRN original context length.")
+    beta_fast: float | None = Field(default=None, description="--beta-fast: YaRN beta_fast.")
+    beta_slow: float | None = Field(default=None, description="--beta-slow: YaRN beta_slow.")
+    mscale: float | None = Field(default=None, description="--mscale: YaRN mscale.")
+    mscale_all_dim: float | None = Field(default=None, description="--mscale-all-dim: YaRN mscale_all_dim.")
 
     def to_overrides(self) -> ModelOverrides:
         """The same values as the converter's `ModelOverrides` (for the torch-free plan check)."""
@@ -141,3 +173,34 @@ class ConfigSpec(Spec):
         return self
 
 
+
+
+class MoeSpec(Spec):
+    """Mixture-of-experts: the output's expert key layout and the router facts the tensors cannot tell (experts,
+    shared experts and first dense layers are read from the tensors)."""
+
+    grouped_gemm: bool = Field(default=False,
+                               description="--moe-grouped-gemm: experts as TEGroupedMLP (linear_fc1.weight0..) for "
+                                           "Megatron's --moe-grouped-gemm; default SequentialMLP (local_experts.N).")
+    router_topk: int | None = Field(default=None, ge=1, le=4096,
+                                    description="--moe-router-topk: experts per token. Required for a MoE model "
+                                                "unless the YAML states moe_router_topk or num_experts_per_tok.")
+    router_score_function: Literal["softmax", "sigmoid"] | None = Field(
+        default=None, description="--moe-router-score-function. Default: the YAML's, else softmax (reported as "
+                                  "defaulted).")
+    router_topk_scaling_factor: float | None = Field(
+        default=None, gt=0, description="--moe-router-topk-scaling-factor (DeepSeek routed_scaling_factor).")
+    router_num_groups: int | None = Field(default=None, ge=1, le=4096,
+                                          description="--moe-router-num-groups (DeepSeek n_group).")
+    router_group_topk: int | None = Field(default=None, ge=1, le=4096,
+                                          description="--moe-router-group-topk (DeepSeek topk_group).")
+    router_pre_softmax: bool | None = Field(
+        default=None, description="--moe-router-pre-softmax / --no-moe-router-pre-softmax: softmax before top-k "
+                                  "(Qwen3-MoE norm_topk_prob: False).")
+
+
+class OutputSpec(Spec):
+    """How the Megatron-LM checkpoint is stored."""
+
+    format: CkptFormat = Field(default=CkptFormat.TORCH,
+                               description="--ckpt-format: Megatron-LM's on-disk checkpoint format.")

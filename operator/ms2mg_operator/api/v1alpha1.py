@@ -22,7 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from ms2mg_converter.config import DType, SourceDigest, TransformerImpl
-from ms2mg_operator.api.specs import ConfigMapKey, ConfigSpec, LayoutsSpec, ModelSpec, ParallelismSpec, VocabSpec
+from ms2mg_operator.api.specs import (
+    ConfigMapKey,
+    ConfigSpec,
+    LayoutsSpec,
+    ModelSpec,
+    MoeSpec,
+    OutputSpec,
+    ParallelismSpec,
+    VocabSpec,
+)
 from ms2mg_operator.api.types import (
     API_VERSION,
     CONDITION_REASON,
@@ -74,7 +83,9 @@ __all__ = [
     "LayoutsSpec",
     "LocalObjectReference",
     "ModelSpec",
+    "MoeSpec",
     "ObjectMeta",
+    "OutputSpec",
     "ParallelismSpec",
     "Phase",
     "SourceSpec",
@@ -90,8 +101,19 @@ class SourceSpec(Spec):
     pvc: ObjectName = Field(description="Name of a PersistentVolumeClaim in the namespace of this resource.")
     path: RelativePath = Field(
         description="Path relative to the root of the volume: a .safetensors file, a directory of "
-                    "*.safetensors files, or a directory with model.safetensors.index.json. Absolute paths, "
-                    "'.', '..' and empty segments are rejected.")
+                    "*.safetensors files, a directory with model.safetensors.index.json, or a distributed "
+                    "checkpoint's directory of rank_N/ subdirectories. Absolute paths, '.', '..' and empty "
+                    "segments are rejected.")
+    strategy: RelativePath | None = Field(
+        default=None,
+        description="--src-strategy, for a distributed source: the MindSpore strategy file (.ckpt or .json) or "
+                    "the directory of them, relative to the root of the source volume. Default: "
+                    "<path>/strategy or the strategy directory beside <path>.")
+    ckpt_suffix: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[-_.a-zA-Z0-9]+$",
+        description="--src-ckpt-suffix, for a distributed source: read the file of each rank_N/ that ends in "
+                    "-<suffix>.safetensors (e.g. 2_100). Default: meta.json's last_ckpt_file, else the highest "
+                    "epoch_step.")
 
 
 class DestinationSpec(Spec):
@@ -121,7 +143,10 @@ class CheckpointConversionSpec(Spec):
     destination: DestinationSpec = Field(description="Where to write the Megatron-LM checkpoint.")
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, json_schema_extra=NESTED_DEFAULT,
                                          description="Tensor- and pipeline-parallel sizes of the output.")
+    output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra=NESTED_DEFAULT,
+                               description="How the Megatron-LM checkpoint is stored.")
     model: ModelSpec | None = Field(default=None, description="Architecture overrides and cross-checks.")
+    moe: MoeSpec | None = Field(default=None, description="Mixture-of-experts output layout and router facts.")
     vocab: VocabSpec = Field(default_factory=VocabSpec, json_schema_extra=NESTED_DEFAULT,
                              description="Vocabulary trimming and padding.")
     dtype: DType = Field(default=DType.BF16,
