@@ -20,8 +20,8 @@ import math
 from ms2mg_converter.plan import DTYPE_BYTES, Plan, TensorEntry
 from ms2mg_converter.source.index import DTYPE_SIZES
 from ms2mg_converter.stream.reader import WINDOW_BYTES
+from ms2mg_converter.write.base import CHUNK_BYTES, POOL_BUFFERS
 from ms2mg_converter.write.directio import BUFFER_BYTES
-from ms2mg_converter.write.torch_legacy import CHUNK_BYTES, POOL_BUFFERS
 
 MiB = 1024 * 1024
 CONVERT_BASE = 55 * MiB

@@ -9,6 +9,7 @@ subclass registered with `@register`, and a `CkptFormat` value in `config` (see 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,27 @@ from typing import ClassVar, TypeVar
 
 from ms2mg_converter.config import CkptFormat
 from ms2mg_converter.plan import Plan
+from ms2mg_converter.stream.reader import BufferPool, FiniteCheck
 from ms2mg_converter.write.filewriter import WrittenFile
 
 ProgressFn = Callable[[int, int, int], None]
 """progress(done_groups, total_groups, bytes_written)."""
+
+CHUNK_BYTES = 16 * 1024 * 1024
+"""Size of one buffer of the chunk pool that carries tensor bytes from the reader to the writer thread."""
+POOL_BUFFERS = 4
+
+
+class StreamingRun:
+    """A streaming writer's state for one conversion: the chunk pool, the finite check and the progress counters."""
+
+    def __init__(self, plan: Plan, root: Path, progress: ProgressFn) -> None:
+        self.plan, self.root, self.progress = plan, root, progress
+        self.abort = threading.Event()
+        self.pool = BufferPool(plan.config.dtype, CHUNK_BYTES, POOL_BUFFERS, self.abort)
+        self.check = None if plan.config.allow_nonfinite else FiniteCheck(plan.config.dtype)
+        self.done = 0
+        self.bytes = 0
 
 
 class Writer(ABC):

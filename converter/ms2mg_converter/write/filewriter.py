@@ -127,22 +127,14 @@ class _Writer(_Stage):
             return
         z = self.zip
         assert z is not None
-        if kind == "add":
-            z.add(msg[1], msg[2])
-        elif kind == "begin":
-            z.begin(msg[1], msg[2])
-        elif kind == "chunk":
-            buf, elems = msg[1], msg[2]
-            z.write(memoryview(buf[:elems].view(np.uint8)))
-            self.hasher.put("release", buf)
-        elif kind == "end":
-            z.end()
-        elif kind == "close":
+        if kind == "close":
             z.close()
             assert self.file is not None
             self.file.close()
             self.hasher.put("done", self.path, z.position)
             self.file = self.zip = None
+        else:
+            self._handle_record(msg)
 
     def _segment(self, msg: tuple[Any, ...]) -> None:
         """A file made of segments: zip archives (one `torch.save` each) and raw byte strings, back to back."""
@@ -179,6 +171,7 @@ class _Writer(_Stage):
         self.base += length
 
     def _handle_record(self, msg: tuple[Any, ...]) -> None:
+        """A record of the zip archive being written: an entry added whole, or begun, streamed and ended."""
         z = self.zip
         assert z is not None
         kind = msg[0]

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import pickle
-import threading
 from pathlib import Path
 
 from ms2mg_converter.config import CkptFormat
@@ -38,14 +37,12 @@ from ms2mg_converter.plan.dist import (
     DistChunk,
     dist_item,
 )
-from ms2mg_converter.stream.reader import BufferPool, FiniteCheck, WriterStopped, produce
-from ms2mg_converter.write.base import ProgressFn, Writer, register
+from ms2mg_converter.stream.reader import WriterStopped, produce
+from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register
 from ms2mg_converter.write.filewriter import FileWriterThread, WrittenFile
 from ms2mg_converter.write.torchpickle import TensorRef, dumps
 from ms2mg_converter.write.zipwriter import ZipStreamWriter
 
-CHUNK_BYTES = 16 * 1024 * 1024
-POOL_BUFFERS = 4
 ARCHIVE = "archive"
 _HEAD = ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"))
 
@@ -72,16 +69,8 @@ EXTRA_STATE = torch_save_bytes([None], "extra_state")
 """An `_extra_state` byte entry: `torch.save([None])`, as Megatron stores a ShardedObject list."""
 
 
-class _Run:
+class _Run(StreamingRun):
     """Streaming the data file: the chunk pool, the finite check and the progress counters."""
-
-    def __init__(self, plan: Plan, root: Path, progress: ProgressFn) -> None:
-        self.plan, self.root, self.progress = plan, root, progress
-        self.abort = threading.Event()
-        self.pool = BufferPool(plan.config.dtype, CHUNK_BYTES, POOL_BUFFERS, self.abort)
-        self.check = None if plan.config.allow_nonfinite else FiniteCheck(plan.config.dtype)
-        self.done = 0
-        self.bytes = 0
 
     def write_all(self) -> tuple[WrittenFile, list[tuple[DistChunk | DistBytes, tuple[int, int]]]]:
         (fp,) = self.plan.files

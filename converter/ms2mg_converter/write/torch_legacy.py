@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from ms2mg_converter.config import CkptFormat
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
-from ms2mg_converter.stream.reader import BufferPool, FiniteCheck, WriterStopped, produce
-from ms2mg_converter.write.base import ProgressFn, Writer, register
+from ms2mg_converter.stream.reader import WriterStopped, produce
+from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register
 from ms2mg_converter.write.filewriter import FileWriterThread, WrittenFile
 from ms2mg_converter.write.torchpickle import TensorRef, dumps
 
-CHUNK_BYTES = 16 * 1024 * 1024
-POOL_BUFFERS = 4
 ARCHIVE = "model_optim_rng"
 
 
@@ -53,16 +50,8 @@ def _serialization_id(fp: FilePlan) -> bytes:
     return f"{digest % 10**40:040d}".encode()
 
 
-class _Run:
+class _Run(StreamingRun):
     """One conversion's writing state: the chunk pool, the finite check and the progress counters."""
-
-    def __init__(self, plan: Plan, root: Path, progress: ProgressFn) -> None:
-        self.plan, self.root, self.progress = plan, root, progress
-        self.abort = threading.Event()
-        self.pool = BufferPool(plan.config.dtype, CHUNK_BYTES, POOL_BUFFERS, self.abort)
-        self.check = None if plan.config.allow_nonfinite else FiniteCheck(plan.config.dtype)
-        self.done = 0
-        self.bytes = 0
 
     def write_all(self) -> list[WrittenFile]:
         writer = FileWriterThread(self.pool, self.abort)
