@@ -92,12 +92,12 @@ def test_sigkill_inside_the_writer_before_the_last_files(src: Path, tmp_path: Pa
     inject = f"""
 import os, signal
 import ms2mg_converter.write.torch_dist as td
-real = td._write_small
+real = td.write_synced
 def write_small(path, data):
     if path.name == {before!r}:
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
-td._write_small = write_small
+td.write_synced = write_small
 """
     dst = tmp_path / "out"
     r = run(cmd(src, dst, inject=inject))
@@ -134,7 +134,7 @@ import errno
 import ms2mg_converter.write.torch_dist as td
 def write_small(path, data):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
-td._write_small = write_small
+td.write_synced = write_small
 """
     dst = tmp_path / "out"
     r = run(cmd(src, dst, inject=inject))

@@ -9,6 +9,7 @@ subclass registered with `@register`, and a `CkptFormat` value in `config` (see 
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -26,6 +27,14 @@ ProgressFn = Callable[[int, int, int], None]
 CHUNK_BYTES = 16 * 1024 * 1024
 """Size of one buffer of the chunk pool that carries tensor bytes from the reader to the writer thread."""
 POOL_BUFFERS = 4
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """A small file (tracker, metadata) written whole and fsynced before the staging directory is committed."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class StreamingRun:

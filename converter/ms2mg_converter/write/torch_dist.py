@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from ms2mg_converter.plan.dist import (
     dist_item,
 )
 from ms2mg_converter.stream.reader import WriterStopped, produce
-from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register
+from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register, write_synced
 from ms2mg_converter.write.filewriter import FileWriterThread, WrittenFile
 from ms2mg_converter.write.torchpickle import TensorRef, dumps
 from ms2mg_converter.write.zipwriter import ZipStreamWriter
@@ -149,13 +148,6 @@ def common_state(plan: Plan) -> dict[str, object]:
             "content_metadata": dict(CONTENT_METADATA), "num_floating_point_operations_so_far": 0}
 
 
-def _write_small(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 @register
 class TorchDistWriter(Writer):
     format = CkptFormat.TORCH_DIST
@@ -163,8 +155,8 @@ class TorchDistWriter(Writer):
     def write(self, plan: Plan, root: Path, progress: ProgressFn) -> list[WrittenFile]:
         written, spans = _Run(plan, root, progress).write_all()
         folder = root / ITERATION_DIR
-        _write_small(folder / METADATA, _metadata(plan, spans))
-        _write_small(folder / COMMON, torch_save_bytes(common_state(plan), "common", "common"))
-        _write_small(folder / CONFIG, json.dumps(CONFIG_JSON).encode())  # last: "the checkpoint is complete"
-        _write_small(root / TRACKER, b"1")
+        write_synced(folder / METADATA, _metadata(plan, spans))
+        write_synced(folder / COMMON, torch_save_bytes(common_state(plan), "common", "common"))
+        write_synced(folder / CONFIG, json.dumps(CONFIG_JSON).encode())  # last: "the checkpoint is complete"
+        write_synced(root / TRACKER, b"1")
         return [written]

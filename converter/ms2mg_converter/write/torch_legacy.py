@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 
 from ms2mg_converter.config import CkptFormat
 from ms2mg_converter.plan import TRACKER, ExtraEntry, FilePlan, Plan, TensorEntry
 from ms2mg_converter.stream.reader import WriterStopped, produce
-from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register
+from ms2mg_converter.write.base import ProgressFn, StreamingRun, Writer, register, write_synced
 from ms2mg_converter.write.filewriter import FileWriterThread, WrittenFile
 from ms2mg_converter.write.torchpickle import TensorRef, dumps
 
@@ -102,19 +101,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _write_tracker(root: Path) -> None:
-    path = root / TRACKER
-    with path.open("w") as f:
-        f.write("1")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 @register
 class TorchWriter(Writer):
     format = CkptFormat.TORCH
 
     def write(self, plan: Plan, root: Path, progress: ProgressFn) -> list[WrittenFile]:
         files = _Run(plan, root, progress).write_all()
-        _write_tracker(root)
+        write_synced(root / TRACKER, b"1")
         return files
