@@ -144,8 +144,8 @@ def reference_logits(mla: Tensors, moe: Tensors, ids: torch.Tensor) -> torch.Ten
 
 # ------------------------------------------------------------------------------- megatron-core consumer
 
-def build_rank_model(args: argparse.Namespace, t: int, e: int, dtype: torch.dtype) -> Any:
-    """GPTModel of rank (tp t, ep e): MLATransformerConfig with the MoE fields, the MoE decoder block spec
+def build_rank_model(args: argparse.Namespace, t: int, e: int, p: int, dtype: torch.dtype) -> Any:
+    """GPTModel of rank (tp t, ep e, pp p): MLATransformerConfig with the MoE fields, the MoE decoder block spec
     with MLA (local), core attention replaced by tests/converter/mla_consumer.py's CPU `CausalAttention`."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -161,12 +161,15 @@ def build_rank_model(args: argparse.Namespace, t: int, e: int, dtype: torch.dtyp
     names = {f.name for f in dataclasses.fields(moe_config) if f.init and f.name.startswith(("moe_", "num_moe",
                                                                                             "expert_"))}
     mla_config = dataclasses.replace(mla_config, **{k: getattr(moe_config, k) for k in names})
-    spec = get_gpt_decoder_block_spec(mla_config, use_transformer_engine=False, normalization=args.normalization)
+    spec = get_gpt_decoder_block_spec(mla_config, use_transformer_engine=False, normalization=args.normalization,
+                                      pp_rank=p)
     for layer in spec.layer_specs:
         layer.submodules.self_attention.submodules.core_attention = CausalAttention
     tp, ep, g = args.tensor_model_parallel_size, args.expert_model_parallel_size, SizeOnlyGroup
-    groups = ProcessGroupCollection(tp=g(tp, t), pp=g(1, 0), cp=g(1, 0), ep=g(ep, e), expt_tp=g(tp, t),
+    pp = args.pipeline_model_parallel_size
+    groups = ProcessGroupCollection(tp=g(tp, t), pp=g(pp, p), cp=g(1, 0), ep=g(ep, e), expt_tp=g(tp, t),
                                     expt_dp=g(1, 0), tp_ep=g(tp * ep, e * tp + t), tp_cp=g(tp, t), dp=g(1, 0),
                                     tp_dp_cp=g(tp, t), embd=None, pos_embd=None)
     kwargs["transformer_layer_spec"] = spec
-    return te_like(GPTModel(mla_config, pg_collection=groups, **kwargs), "final-norm")
+    model = GPTModel(mla_config, pg_collection=groups, pre_process=p == 0, post_process=p == pp - 1, **kwargs)
+    return te_like(model, "final-norm")
