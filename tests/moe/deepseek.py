@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-from tests.converter.mla_fixture import DQK, DR, DV, FFN, H, KL, LAYERS, NH, QL, VOCAB, _rms, _rope
+from tests.converter.mla_fixture import DQK, DR, DV, FFN, KL, LAYERS, NH, QL, VOCAB, H, _rms, _rope
 from tests.converter.mla_fixture import mindformers_tensors as mla_mindformers
 from tests.converter.mla_fixture import truth_tensors as mla_truth
 from tests.moe.fixture import MoeDims, Tensors, _interleave, make_truth

@@ -41,7 +41,7 @@ def _rank_name(t: int, e: int, p: int, ep: int, pp: int) -> str:
     return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
 
 
-def _expected_global(tp: int, ep: int, t: int, e: int) -> dict[str, torch.Tensor]:
+def _expected_global(tp: int, ep: int, t: int, e: int, grouped: bool = False) -> dict[str, torch.Tensor]:
     """Global layer numbers: MLA attention and layer 0's dense MLP from the MLA truth, layers >= 1's MLP
     (router, expert bias, this EP rank's experts, shared expert) from the MoE truth."""
     mla, moe = ds.truths()
@@ -49,7 +49,7 @@ def _expected_global(tp: int, ep: int, t: int, e: int) -> dict[str, torch.Tensor
     for i in range(ds.D.dense, ds.D.layers):
         mlp = f"decoder.layers.{i}.mlp."
         out = {k: v for k, v in out.items() if not k.startswith(mlp)}
-        layer = moe_expected_layer(ds.D, moe, i, i, tp, t, ep, e, grouped=False)
+        layer = moe_expected_layer(ds.D, moe, i, i, tp, t, ep, e, grouped)
         out |= {k: v for k, v in layer.items() if k.startswith(mlp)}
     return out
 
@@ -126,3 +126,46 @@ def test_logits_match_reference(converted: Converted, name: str, monkeypatch: py
     monkeypatch.setattr(ds, "GROUP_TOPK", ds.GROUPS)
     unlimited = ds.reference_logits(*ds.truths(), ids[0])
     assert (got - unlimited).abs().max().item() > 1e-2
+
+
+def _convert(tmp_path: Path, concat: bool, *flags: str) -> Path:
+    src, cfg = ds.write_source(tmp_path, concat)
+    save = tmp_path / "out"
+    run = convert("--load-dir", str(src), "--config", str(cfg), "--save-dir", str(save), "--dtype", "fp32", *flags)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return save
+
+
+def test_grouped_gemm_keys_match_truth(tmp_path: Path) -> None:
+    """`--moe-grouped-gemm` at TP2/EP2: TEGroupedMLP's `experts.linear_fc1.weight{k}` per local expert (no CPU
+    build to load into; the tensors are checked against the truth)."""
+    files = load_rank_files(_convert(tmp_path, True, "--moe-grouped-gemm", "--tp", "2",
+                                     "--target-expert-parallel-size", "2"))
+    for t in range(2):
+        for e in range(2):
+            want, model = _expected_global(2, 2, t, e, grouped=True), files[_rank_name(t, e, 0, 2, 1)]["model"]
+            assert {k for k in model if not k.endswith("_extra_state")} == set(want)
+            assert all(torch.equal(model[k], v) for k, v in want.items())
+            assert "decoder.layers.1.mlp.experts.linear_fc1._extra_state" in model
+
+
+def test_te_names_load_and_match_logits(tmp_path: Path) -> None:
+    """`--saver-transformer-impl transformer_engine` at TP1/EP1: the dense layer's norm fused into fc1
+    (`linear_fc1.layer_norm_weight`), the MoE layers' `pre_mlp_layernorm` kept separate, MLA's q/kv norms fused
+    into the up projections; megatron-core's own TE->local pre-hook loads the file strictly and the logits
+    match the reference."""
+    from tests.converter.megatron_consumer import te_like, with_te_extra_state
+    from tests.moe.consumer import logits
+
+    save = _convert(tmp_path, True, "--saver-transformer-impl", "transformer_engine")
+    sd = load_rank_file(save / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt")
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in sd["model"]
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in sd["model"]
+    model = te_like(ds.build_rank_model(sd["args"], 0, 0, 0, torch.float32), "te-names")
+    for layer in model.decoder.layers:
+        with_te_extra_state(layer.input_layernorm)  # MLA under TE: a separate TENorm
+    result = model.load_state_dict(sd["model"], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    ids = torch.randint(0, ds.VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
+    got, want = logits(model, ids)[0], ds.reference_logits(*ds.truths(), ids[0])
+    assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
