@@ -4,7 +4,7 @@
   way: `metadata.json` marks the directory as torch_dist, `common.pt` holds the args).
 * `with_layout(args, tp, pp, **pipeline)`: the same args for another TP/PP/uneven/virtual layout, as a
   training run started with other flags would have them (torch_dist has no TP/PP of its own).
-* `load_dist_rank(ckpt, args, t, p, v)`: at TP 1 (any PP, uneven stages, virtual chunks), in this process:
+* `load_dist_rank(ckpt, args, t, p, v)`: at TP1/PP1 (a world of one holds only the whole model), in this process:
   the GPTModel chunk of (0, p, v) built with size-only process groups (approach C of the consumer doc), its
   `sharded_state_dict()` filled by `dist_checkpointing.load` (DCP reads the per-layer chunks it needs), then
   `load_state_dict(strict=True)`. Access integrity (an all-gather of every rank's requests) is off: the

@@ -130,13 +130,20 @@ def test_verify_rebuilds_mla_tensors_from_the_fused_source(sources: dict, tmp_pa
     assert "MISMATCH" in done.stdout and "decoder.layers.1.self_attention.linear_kv_down_proj.weight" in done.stdout
 
 
-def test_torch_dist_output_refused_for_mla(sources: dict) -> None:
+def test_torch_dist_plan_holds_te_and_local_norm_names(sources: dict) -> None:
+    """torch_dist for MLA: the TE names and the local spec's own norm names, from the same source tensor
+    (loads: test_mla_torch_dist)."""
     from ms2mg_converter.config import CkptFormat, ConvertConfig, Fc1Layout, LayoutConfig, ModelOverrides
-    from ms2mg_converter.errors import UsageError
     from ms2mg_converter.plan import build_plan
 
     cfg = ConvertConfig(load_dir=sources["concat"][0], ckpt_format=CkptFormat.TORCH_DIST,
                         model=ModelOverrides(num_attention_heads=NH, rope_type="rope"),
                         layouts=LayoutConfig(fc1=Fc1Layout.GATE_UP))
-    with pytest.raises(UsageError, match=r"torch_dist does not support multi-latent attention"):
-        build_plan(cfg)
+    (fp,) = build_plan(cfg).files
+    keys = [e.key for e in fp.entries()]
+    layer = "decoder.layers.1."
+    a = layer + "self_attention."
+    for te, local in ((f"{a}linear_q_up_proj.layer_norm_weight", f"{a}q_layernorm.weight"),
+                      (f"{a}linear_kv_up_proj.layer_norm_weight", f"{a}kv_layernorm.weight"),
+                      (f"{layer}mlp.linear_fc1.layer_norm_weight", f"{layer}pre_mlp_layernorm.weight")):
+        assert keys.count(te) == 1 and keys.count(local) == 1, (te, local)

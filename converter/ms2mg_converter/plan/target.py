@@ -196,21 +196,40 @@ def chunk_slots(arch: Architecture, impl: TransformerImpl, chunk: ChunkPlacement
 
 def dist_slots(arch: Architecture) -> Iterator[Slot]:
     """The entries of a `torch_dist` checkpoint, each at its global layer (`decoder.layers.<l>.`): the TE
-    names (Megatron's sharded keys are the same for the local and the TE spec) and the superset of
+    names (Megatron's sharded keys are the same for the local and the TE spec; for MLA layers the local-only
+    names are added, `_mla_local_only`) and the superset of
     `_extra_state` entries any loader asks for (torch-dist-format.md §6.2, §6.4); no `output_layer._extra_state`
     (GPTModel drops it) and no tied output copy."""
     yield Slot("embedding.word_embeddings.weight", "embedding.word_embeddings.weight")
     if arch.position_embedding_type == "learned_absolute":
         yield Slot("embedding.position_embeddings.weight", "embedding.position_embeddings.weight")
     for layer in range(arch.num_layers):
-        yield from _layer_slots(arch, TransformerImpl.TRANSFORMER_ENGINE, layer, layer, NO_EXPERTS)
-        if arch.qk_layernorm:
+        yield from _layer_slots(arch, TransformerImpl.TRANSFORMER_ENGINE, layer, layer, NO_EXPERTS,
+                                norm_extra=arch.mla is not None)
+        if arch.mla is not None:
+            yield from _mla_local_only(arch, layer)
+        elif arch.qk_layernorm:
             for which in ("q_layernorm", "k_layernorm"):
                 yield Slot(f"decoder.layers.{layer}.self_attention.{which}.{EXTRA}", None, layer)
     yield from _norm(arch, "decoder.final_layernorm", "decoder.final_layernorm", None)
     yield Slot(f"decoder.final_layernorm.{EXTRA}")
     if arch.untie_embeddings_and_output_weights:
         yield Slot("output_layer.weight", "output_layer.weight")
+
+
+def _mla_local_only(arch: Architecture, layer: int) -> Iterator[Slot]:
+    """The sharded keys megatron-core's local MLA spec asks for and its TE spec does not: the local spec has no
+    `sharded_state_dict_keys_map` for MLA layers (gpt_layer_specs.py, 0.16.1), so its q/kv norms and a dense
+    layer's pre-MLP norm keep their module names. Written beside the TE names (small vectors, the same source
+    tensor), one torch_dist checkpoint loads under either spec."""
+    p, t, a = f"decoder.layers.{layer}.", L, f"decoder.layers.{layer}.self_attention."
+    assert arch.mla is not None
+    if arch.qk_layernorm:
+        lora = arch.mla.q_lora_rank is not None
+        for norm in ("q_layernorm", "kv_layernorm") if lora else ("kv_layernorm",):
+            yield Slot(f"{a}{norm}.weight", f"{t}self_attention.{norm}.weight", layer)
+    if arch.moe is None or not arch.moe.is_moe(layer):
+        yield from _norm(arch, p + "pre_mlp_layernorm", t + "pre_mlp_layernorm", layer)
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
