@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 
 from tests.converter import dist_consumer as dc
 from tests.converter import megatron_consumer as mc
 from tests.converter.mla_fixture import VARIANTS, VOCAB, mla_flags, reference_logits, run_convert, sources
+from tests.converter.test_torch_dist import read_dcp
 from tests.families.runner import load_rank_files
 
 __all__ = ["sources"]  # the module fixture, used by name
@@ -71,20 +71,9 @@ def test_local_spec_tp2_pp2_gloo_ranks_equal_torch_format(sources: dict, tmp_pat
     assert not problems, "\n".join(problems)
 
 
-def _stored(root: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a torch_dist checkpoint, read back with plain DCP (global shapes)."""
-    from torch.distributed.checkpoint import load
-
-    reader = FileSystemReader(str(root / "iter_0000001"))
-    meta = reader.read_metadata().state_dict_metadata
-    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items() if hasattr(m, "size")}
-    load(out, storage_reader=reader, no_dist=True)
-    return out
-
-
 @pytest.mark.parametrize("name", ["concat", "split-noq"])
 def test_te_names_are_stored_with_the_te_rank_values(sources: dict, tmp_path: Path, name: str) -> None:
-    stored = _stored(_convert(sources, tmp_path, name, *DIST))
+    stored, _ = read_dcp(_convert(sources, tmp_path, name, *DIST) / "iter_0000001")
     te = load_rank_files(_convert(sources, tmp_path, name, "--saver-transformer-impl", "transformer_engine"))
     (rank,) = te.values()
     checked = 0

@@ -126,9 +126,8 @@ def _dist_file_plan(view: SourceView, arch: Architecture, cfg: ConvertConfig) ->
 def _check_dist_supported(arch: Architecture) -> None:
     """torch_dist's sharded keys are written for dense and MLA attention; MoE experts (sharded by expert) have
     their own sharded-key layout, which ms2mg does not write yet: refuse rather than guess."""
-    what = [w for w, present in (("MoE layers", arch.moe is not None),) if present]
-    if what:
-        raise UsageError(f"--ckpt-format torch_dist does not support {' and '.join(what)} yet; convert this model "
+    if arch.moe is not None:
+        raise UsageError("--ckpt-format torch_dist does not support MoE layers yet; convert this model "
                          "with --ckpt-format torch (Megatron-LM can re-save it as torch_dist: "
                          "--ckpt-convert-format torch_dist --ckpt-convert-save DIR).")
 

@@ -116,9 +116,17 @@ def _mla_slots(arch: Architecture, te: bool, j: int, layer: int, norm_extra: boo
         if te and norm and arch.qk_layernorm:  # TELayerNormColumnParallelLinear: the norm fused in
             yield Slot(f"{a}{name}.layer_norm_weight", f"{t}self_attention.{norm}.weight", layer)
         yield from _linear(a + name, f"{t}self_attention.{name}", layer, False)
-    if arch.qk_layernorm and not te:
-        for norm in ("q_layernorm", "kv_layernorm") if lora else ("kv_layernorm",):
-            yield Slot(f"{a}{norm}.weight", f"{t}self_attention.{norm}.weight", layer)
+    if not te:
+        yield from _mla_local_norms(arch, j, layer)
+
+
+def _mla_local_norms(arch: Architecture, j: int, layer: int) -> Iterator[Slot]:
+    """The local spec's separate MLA q/kv norms (fused into the up projections under TE)."""
+    assert arch.mla is not None
+    if arch.qk_layernorm:
+        a = f"decoder.layers.{j}.self_attention."
+        for norm in ("q_layernorm", "kv_layernorm") if arch.mla.q_lora_rank is not None else ("kv_layernorm",):
+            yield Slot(f"{a}{norm}.weight", f"{L}self_attention.{norm}.weight", layer)
 
 
 def _layer_slots(arch: Architecture, impl: TransformerImpl, j: int, layer: int, ep: ExpertRank,
@@ -222,14 +230,9 @@ def _mla_local_only(arch: Architecture, layer: int) -> Iterator[Slot]:
     `sharded_state_dict_keys_map` for MLA layers (gpt_layer_specs.py, 0.16.1), so its q/kv norms and a dense
     layer's pre-MLP norm keep their module names. Written beside the TE names (small vectors, the same source
     tensor), one torch_dist checkpoint loads under either spec."""
-    p, t, a = f"decoder.layers.{layer}.", L, f"decoder.layers.{layer}.self_attention."
-    assert arch.mla is not None
-    if arch.qk_layernorm:
-        lora = arch.mla.q_lora_rank is not None
-        for norm in ("q_layernorm", "kv_layernorm") if lora else ("kv_layernorm",):
-            yield Slot(f"{a}{norm}.weight", f"{t}self_attention.{norm}.weight", layer)
+    yield from _mla_local_norms(arch, layer, layer)
     if arch.moe is None or not arch.moe.is_moe(layer):
-        yield from _norm(arch, p + "pre_mlp_layernorm", t + "pre_mlp_layernorm", layer)
+        yield from _norm(arch, f"decoder.layers.{layer}.pre_mlp_layernorm", L + "pre_mlp_layernorm", layer)
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
